@@ -1,0 +1,33 @@
+"""The `agent` command line. Each concern registers its own Typer sub-app here, one line each."""
+
+from __future__ import annotations
+
+import typer
+
+from agent import __version__
+
+app = typer.Typer(
+    name="agent",
+    help="Edge inspection agent: simulate cells, enrol recipes, inspect parts, run the MQTT service.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edge-inspection-agent {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Edge inspection agent."""
+
+
+# Sub-apps (one line per concern).
+from agent.sim.cli import simulate_app  # noqa: E402
+
+app.add_typer(simulate_app, name="simulate")
