@@ -1,0 +1,1 @@
+"""Evaluation: the metrics of ../shared/spec/metrics.md."""
