@@ -31,3 +31,11 @@ def main(
 from agent.sim.cli import simulate_app  # noqa: E402
 
 app.add_typer(simulate_app, name="simulate")
+
+from agent.service.cli import run_command  # noqa: E402
+
+app.command("run")(run_command)
+
+from storage.cli import results_app  # noqa: E402
+
+app.add_typer(results_app, name="results")
