@@ -39,3 +39,9 @@ app.command("run")(run_command)
 from storage.cli import results_app  # noqa: E402
 
 app.add_typer(results_app, name="results")
+
+from agent.pipeline_cli import enroll_command, inspect_command, recipes_app  # noqa: E402
+
+app.add_typer(recipes_app, name="recipes")
+app.command("enroll")(enroll_command)
+app.command("inspect")(inspect_command)

@@ -1,0 +1,421 @@
+"""The inspection core: enroll a recipe from a golden capture, and inspect parts view by view.
+
+Enrollment (:func:`enroll`):
+
+1. Reference model: :func:`agent.splat.train.train_gaussians` (``model_mode="train"``) or, fast,
+   :func:`agent.splat.init.init_from_depth` (``"fast"``).
+2. Memory bank: patch features of the golden views plus of renders of the reference from poses around the
+   enrollment trajectory (each golden camera turned about the vertical through the part by up to half the
+   azimuth step, the part shifted/turned by the placement jitter), greedy coreset, faiss.
+3. Calibration, nominal data only, leave-views-out: the golden views are split into ``folds``; for each
+   fold a reference (init_from_depth) and a bank are built from the other views and the held-out views are
+   scored. The channel offsets/scales are fitted on these maps (:func:`agent.anomaly.fit_channel_calibration`);
+   then ``pseudo_parts`` random sets of ``expected_views`` held-out views are fused like a part, and the
+   raw threshold is the ``1 - target_false_reject_rate`` quantile of their part scores times ``margin``.
+   Scores are divided by it, so the verdict threshold is 1.0.
+
+Inspection (:class:`RecipeInspector` -> :class:`PartSession`, the :mod:`agent.inspection` seam): per view,
+placement refinement (:func:`agent.splat.placement.refine_placement`, warm-started, over the latest
+``placement_views`` views, then frozen), projected on the fixture's degrees of freedom (x, y, turn about z),
+the reference rendered at that placement, the three-channel anomaly map
+(:mod:`agent.anomaly`), back-projected with the rendered depth into the voxel accumulator (:mod:`agent.fusion`).
+At the end: part score = maximum of the fused volume; defects = connected components >= 1.0.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+from agent import __version__, anomaly
+from agent.capture import Capture, Frame
+from agent.contract import ContractError
+from agent.features import DEFAULT_EXTRACTOR, PatchFeatureExtractor, get_extractor
+from agent.fusion import VoxelAccumulator, find_defects
+from agent.geometry import Intrinsics, check_rigid, rotation_about_axis, rotation_angle_deg
+from agent.inspection import DefectResult, InspectionResult, ViewResult
+from agent.memory_bank import MemoryBank, patch_rows
+from agent.recipe import Calibration, Recipe, RecipeSettings
+from agent.splat.init import init_from_depth
+from agent.splat.model import GaussianModel
+from agent.splat.placement import PlacementConfig, refine_placement
+
+Progress = Callable[[str, int, int], None]  # (stage description, done, total)
+
+
+@dataclass
+class EnrollConfig:
+    """Settings of :func:`enroll` (those that the recipe keeps go to recipe.toml)."""
+
+    backbone: str = DEFAULT_EXTRACTOR
+    model_mode: Literal["train", "fast"] = "train"
+    train_iterations: int = 1500
+    init_points: int = 20_000
+    bank_fraction: float = 0.1
+    enrich_renders: int = 24  # renders of the reference around the enrollment trajectory added to the bank
+    jitter_mm: float = 3.0  # placement variation the bank's renders cover
+    jitter_deg: float = 3.0
+    folds: int = 3
+    pseudo_parts: int = 40
+    voxel_size_m: float | None = None  # None: 2.5 x the median pixel footprint on the part
+    expected_views: int = 12
+    min_views: int | None = None  # None: half the expected views (at least 1)
+    fusion_rule: str = "topk"
+    min_defect_voxels: int = 2
+    target_false_reject_rate: float = 0.01
+    threshold_margin: float = 1.25
+    placement_views: int = 3
+    depth_scale_m: float = 0.003
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model_mode not in ("train", "fast"):
+            raise ValueError(f"EnrollConfig: model_mode must be train or fast, got {self.model_mode!r}")
+        if self.folds < 2:
+            raise ValueError(f"EnrollConfig: folds must be >= 2, got {self.folds}")
+        if self.pseudo_parts < 1 or self.enrich_renders < 0 or self.train_iterations < 1:
+            raise ValueError("EnrollConfig: pseudo_parts and train_iterations must be >= 1, enrich_renders >= 0")
+        if not 0 < self.bank_fraction <= 1:
+            raise ValueError(f"EnrollConfig: bank_fraction must be in (0, 1], got {self.bank_fraction}")
+
+
+def _noop(stage: str, done: int, total: int) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared per-view steps
+
+
+@dataclass
+class _Scorer:
+    """What scoring one view needs: backbone, bank, reference and the calibration's map settings."""
+
+    extractor: PatchFeatureExtractor
+    bank: MemoryBank
+    model: GaussianModel
+    depth_scale_m: float
+    backend: str = "auto"
+
+    def channels(self, frame: Frame, T_world_part: np.ndarray | None) -> tuple[np.ndarray, anomaly.ReferenceView]:
+        """Raw channel maps [3, H, W] of a posed view and the reference rendered for it."""
+        ref = anomaly.render_reference(self.model, frame.c2w, frame.intrinsics, T_world_part, self.backend)
+        fg = anomaly.observed_foreground(frame)
+        gain = anomaly.colour_gain(frame.image, ref, fg)
+        composite = ref.composite(frame.image, gain)
+        geometry = anomaly.geometry_evidence(fg, frame.depth, ref, self.depth_scale_m)
+        sigma = anomaly.map_sigma_px(frame.intrinsics.width)
+        return anomaly.channel_maps(self.extractor, self.bank, frame.image, composite, geometry, sigma), ref
+
+
+def _check_enrollment_capture(capture: Capture) -> Intrinsics:
+    if not capture.frames:
+        raise ValueError("the enrollment capture has no frames")
+    K0 = capture.frames[0].intrinsics
+    for f in capture.frames:
+        if f.c2w is None:
+            raise ValueError(f"enrollment frame {f.name} has no camera pose (transform_matrix); enrollment needs posed views")
+        if (f.intrinsics.width, f.intrinsics.height) != (K0.width, K0.height):
+            raise ValueError(f"enrollment frame {f.name} is {f.intrinsics.width}x{f.intrinsics.height}, frame "
+                             f"{capture.frames[0].name} is {K0.width}x{K0.height}; all views must have one size")  # fmt: skip
+    if not any(f.depth is not None for f in capture.frames):
+        raise ValueError("the enrollment capture has no depth maps; enrollment of the cell protocol needs depth")
+    return K0
+
+
+def auto_voxel_size(capture: Capture) -> float:
+    """2.5 x the median pixel footprint (depth / focal length) on the part, rounded to 0.5 mm, at least 1 mm."""
+    foot = []
+    for f in capture.frames:
+        if f.depth is not None and (f.depth > 0).any():
+            foot.append(np.median(f.depth[f.depth > 0]) * 2.0 / (f.intrinsics.fx + f.intrinsics.fy))
+    if not foot:
+        raise ValueError("cannot choose a voxel size: no frame has depth")
+    return max(0.001, round(2.5 * float(np.median(foot)) / 0.0005) * 0.0005)
+
+
+def _features(extractor: PatchFeatureExtractor, images: list[np.ndarray], batch: int = 8) -> np.ndarray:
+    rows = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images[i : i + batch]]))
+        if x.max() > 1.0:
+            x = x / 255.0
+        rows.append(patch_rows(extractor(x).features))
+    return np.concatenate(rows)
+
+
+def _model_centre(model: GaussianModel) -> np.ndarray:
+    return model.means.detach().double().median(dim=0).values.cpu().numpy()
+
+
+def around_trajectory_poses(
+    poses: list[np.ndarray], centre: np.ndarray, count: int, jitter_mm: float, jitter_deg: float, rng: np.random.Generator
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``count`` (camera c2w, object pose) pairs around the enrollment trajectory (see the module docstring)."""
+    n_rings = max(1, len({round(float(np.degrees(np.arcsin(np.clip((T[2, 3] - centre[2]) / max(np.linalg.norm(T[:3, 3] - centre), 1e-9), -1, 1)))))
+                          for T in poses}))  # fmt: skip
+    half_step = math.radians(180.0 / max(1, len(poses) // n_rings))
+    out = []
+    for k in range(count):
+        c2w = np.asarray(poses[k % len(poses)], dtype=np.float64)
+        turn = np.eye(4)
+        turn[:3, :3] = rotation_about_axis(np.array([0.0, 0.0, 1.0]), rng.uniform(-half_step, half_step))
+        shift = np.eye(4)
+        shift[:3, 3] = centre
+        camera = shift @ turn @ np.linalg.inv(shift) @ c2w
+        obj = np.eye(4)
+        obj[:3, :3] = rotation_about_axis(np.array([0.0, 0.0, 1.0]), math.radians(rng.uniform(-jitter_deg, jitter_deg)))
+        obj[:3, 3] = centre - obj[:3, :3] @ centre
+        obj[:2, 3] += rng.uniform(-jitter_mm, jitter_mm, size=2) / 1000.0
+        out.append((check_rigid(camera), obj))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Enrollment
+
+
+def build_reference(capture: Capture, config: EnrollConfig, progress: Progress = _noop) -> GaussianModel:
+    """The Gaussian reference of the golden part (trained, or init_from_depth in fast mode)."""
+    if config.model_mode == "fast":
+        progress("reference model (init_from_depth)", 0, 1)
+        model = init_from_depth(capture, max_points=config.init_points, rng=np.random.default_rng(config.seed))
+        progress("reference model (init_from_depth)", 1, 1)
+        return model
+    from agent.splat.train import TrainConfig, train_gaussians
+
+    train_config = TrainConfig(iterations=config.train_iterations, init_points=config.init_points, seed=config.seed)
+    model, _ = train_gaussians(capture, train_config, lambda p: progress("reference model (training)", p.step, p.iterations))
+    return model
+
+
+def build_bank(
+    extractor: PatchFeatureExtractor,
+    images: list[np.ndarray],
+    fraction: float,
+    seed: int,
+    backbone: str,
+) -> MemoryBank:
+    rows = _features(extractor, images)
+    return MemoryBank.build(rows, fraction=fraction, seed=seed, metadata={"backbone": backbone, "stride": str(extractor.stride)})
+
+
+def enroll(
+    capture: Capture,
+    name: str,
+    config: EnrollConfig = EnrollConfig(),
+    progress: Progress = _noop,
+    extractor: PatchFeatureExtractor | None = None,
+) -> Recipe:
+    """Enroll a recipe from one golden capture (posed views with depth). The result is not yet saved."""
+    K = _check_enrollment_capture(capture)
+    rng = np.random.default_rng(config.seed)
+    extractor = extractor or get_extractor(config.backbone, device="cpu")
+    if extractor.name != config.backbone:
+        raise ValueError(f"the extractor is {extractor.name!r} but the config asks for {config.backbone!r}")
+    voxel_size = config.voxel_size_m or auto_voxel_size(capture)
+    expected = config.expected_views
+    min_views = config.min_views or max(1, expected // 2)
+    sigma = anomaly.map_sigma_px(K.width)
+
+    model = build_reference(capture, config, progress)
+
+    # Memory bank: golden views + renders around the enrollment trajectory.
+    fgs = [anomaly.observed_foreground(f) for f in capture.frames]
+    backdrop = np.median([anomaly.backdrop_colour(f.image, m) for f, m in zip(capture.frames, fgs)], axis=0)
+    images = [f.image for f in capture.frames]
+    centre = _model_centre(model)
+    pairs = around_trajectory_poses([f.c2w for f in capture.frames], centre, config.enrich_renders, config.jitter_mm, config.jitter_deg, rng)
+    for i, (c2w, obj) in enumerate(pairs):
+        progress("bank: renders around the trajectory", i, len(pairs))
+        ref = anomaly.render_reference(model, c2w, K, obj)
+        images.append(ref.composite(backdrop))
+    progress("bank: features + coreset", 0, 1)
+    bank = build_bank(extractor, images, config.bank_fraction, config.seed, config.backbone)
+    progress("bank: features + coreset", 1, 1)
+
+    # Calibration on held-out golden views.
+    n = len(capture.frames)
+    folds = min(config.folds, n)
+    maps: list[np.ndarray] = [None] * n  # type: ignore[list-item]
+    depths: list[np.ndarray] = [None] * n  # type: ignore[list-item]
+    for fold in range(folds):
+        progress("calibration: leave-views-out", fold, folds)
+        held = list(range(fold, n, folds))
+        kept = [i for i in range(n) if i % folds != fold]
+        fold_model = init_from_depth(capture, max_points=config.init_points, frame_indices=kept, rng=np.random.default_rng(config.seed))
+        fold_bank = build_bank(extractor, [capture.frames[i].image for i in kept], config.bank_fraction, config.seed, config.backbone)
+        scorer = _Scorer(extractor, fold_bank, fold_model, config.depth_scale_m)
+        for i in held:
+            maps[i], ref = scorer.channels(capture.frames[i], None)
+            depths[i] = ref.depth
+    progress("calibration: leave-views-out", folds, folds)
+    offset, scale = anomaly.fit_channel_calibration(maps)
+    combined = [anomaly.combine_channels(m, offset, scale) for m in maps]
+    part_scores = []
+    k = min(expected, n)
+    for p in range(config.pseudo_parts):
+        progress("calibration: nominal pseudo-parts", p, config.pseudo_parts)
+        acc = VoxelAccumulator(voxel_size, rule=config.fusion_rule)
+        for i in sorted(rng.choice(n, size=k, replace=False)):
+            f = capture.frames[i]
+            acc.add_view(combined[i], depths[i], f.c2w, f.intrinsics, f.name)
+        part_scores.append(float(acc.volume().score.max()))
+    progress("calibration: nominal pseudo-parts", config.pseudo_parts, config.pseudo_parts)
+    quantile = float(np.quantile(part_scores, 1.0 - config.target_false_reject_rate))
+    raw_threshold = max(quantile, 1e-6) * config.threshold_margin
+
+    settings = RecipeSettings(
+        name=name, camera=K, voxel_size_m=float(voxel_size), backbone=config.backbone, expected_views=expected,
+        min_views=min_views, fusion_rule=config.fusion_rule, min_defect_voxels=config.min_defect_voxels,
+        target_false_reject_rate=config.target_false_reject_rate, threshold_margin=config.threshold_margin,
+        placement_views=config.placement_views, model_mode=config.model_mode,
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), agent_version=__version__,
+    )  # fmt: skip
+    calibration = Calibration(
+        channel_offset=offset.tolist(), channel_scale=scale.tolist(), raw_threshold=raw_threshold,
+        nominal_part_scores=part_scores, backdrop_rgb=[float(v) for v in np.clip(backdrop, 0, 1)],
+        enrollment_poses=[np.asarray(f.c2w) for f in capture.frames], enrollment_frames=[f.name for f in capture.frames],
+        geometry_depth_scale_m=config.depth_scale_m, map_sigma_px=sigma, folds=folds,
+        notes={"bank_rows": len(bank), "enrich_renders": config.enrich_renders, "n_gaussians": len(model),
+               "quantile": quantile, "train_iterations": config.train_iterations if config.model_mode == "train" else 0},
+    )  # fmt: skip
+    settings.validate()
+    calibration.validate()
+    return Recipe(settings, model, bank, calibration)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspection
+
+
+FAST_PLACEMENT = PlacementConfig(scales=(4, 2), steps=(30, 15))  # CPU budget; the fixture leaves only a few mm / degrees
+
+
+def planar_placement(T: np.ndarray) -> np.ndarray:
+    """The part rests on the fixture plane (z up): keep the x/y translation and the turn about z of ``T``,
+    drop z translation, roll and pitch (refinement on CPU-sized images drifts in these, measured ~3 mm in z)."""
+    T = np.asarray(T, dtype=np.float64)
+    yaw = math.atan2(T[1, 0], T[0, 0])
+    out = np.eye(4)
+    out[:3, :3] = rotation_about_axis(np.array([0.0, 0.0, 1.0]), yaw)
+    out[:2, 3] = T[:2, 3]
+    return out
+
+
+class RecipeInspector:
+    """An enrolled recipe ready to inspect parts (implements :class:`agent.inspection.Inspector`).
+
+    ``refine_placement=False`` keeps the recipe placement (the baseline and tests of the seam).
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        extractor: PatchFeatureExtractor | None = None,
+        placement: PlacementConfig = FAST_PLACEMENT,
+        refine: bool = True,
+        backend: str = "auto",
+    ):
+        self.recipe = recipe
+        s, c = recipe.settings, recipe.calibration
+        self.name = s.name
+        self.version = recipe.version
+        self.expected_views = s.expected_views
+        self.min_views = s.min_views
+        self.intrinsics = s.camera
+        self.placement = placement
+        self.refine = refine
+        extractor = extractor or get_extractor(s.backbone, device="cpu")
+        if extractor.name != s.backbone:
+            raise ValueError(f"recipe {s.name} uses backbone {s.backbone!r}, the extractor is {extractor.name!r}")
+        self.scorer = _Scorer(extractor, recipe.bank, recipe.model, c.geometry_depth_scale_m, backend)
+
+    def start_part(self, part_id: str) -> "PartSession":
+        return PartSession(self, part_id)
+
+
+class PartSession:
+    """One part, fed view by view (implements :class:`agent.inspection.PartInspection`)."""
+
+    def __init__(self, inspector: RecipeInspector, part_id: str):
+        self.inspector = inspector
+        self.part_id = part_id
+        s = inspector.recipe.settings
+        self.accumulator = VoxelAccumulator(s.voxel_size_m, rule=s.fusion_rule)
+        self.views: list[Frame] = []
+        self.T_world_part = np.eye(4)
+        self.placement_ok = False
+        self.view_results: list[ViewResult] = []
+        self.references: dict[str, anomaly.ReferenceView] = {}
+
+    def add_view(self, frame: Frame) -> ViewResult:
+        t0 = time.perf_counter()
+        if frame.c2w is None:
+            raise ContractError("no_pose", f"frame {frame.name!r} has no camera pose")
+        if frame.image.shape[:2] != (frame.intrinsics.height, frame.intrinsics.width):
+            raise ContractError("bad_image_size", f"frame {frame.name!r} is {frame.image.shape[1]}x{frame.image.shape[0]}, its intrinsics say {frame.intrinsics.width}x{frame.intrinsics.height}")
+        if frame.name in self.accumulator.view_ids:
+            raise ValueError(f"frame {frame.name!r} was already added to part {self.part_id!r}")
+        insp, cal = self.inspector, self.inspector.recipe.calibration
+        timings: dict[str, float] = {}
+        self.views.append(frame)
+        if insp.refine and len(self.views) <= insp.recipe.settings.placement_views:
+            t = time.perf_counter()
+            recent = self.views[-insp.recipe.settings.placement_views :]
+            try:
+                res = refine_placement(insp.recipe.model, recent, init=self.T_world_part, config=insp.placement)
+                self.T_world_part = planar_placement(res.T_world_part)
+                self.placement_ok = True
+            except RuntimeError:  # diverged: keep the previous estimate
+                pass
+            timings["placement"] = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        maps, ref = insp.scorer.channels(frame, self.T_world_part)
+        score_map = anomaly.combine_channels(maps, cal.channel_offset, cal.channel_scale) / cal.raw_threshold
+        timings["anomaly_map"] = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        self.accumulator.add_view(score_map, ref.depth, frame.c2w, frame.intrinsics, frame.name)
+        self.references[frame.name] = ref
+        timings["fusion"] = (time.perf_counter() - t) * 1000
+        latency = (time.perf_counter() - t0) * 1000
+        result = ViewResult(frame.name, float(score_map.max()), latency, score_map.astype(np.float32), timings)
+        self.view_results.append(result)
+        return result
+
+    def finalise(self) -> InspectionResult:
+        t0 = time.perf_counter()
+        s = self.inspector.recipe.settings
+        n = len(self.views)
+        if n < s.min_views or len(self.accumulator.view_ids) == 0:
+            return InspectionResult("incomplete", None, 1.0, [], n, None, None, (time.perf_counter() - t0) * 1000)
+        volume = self.accumulator.volume()
+        score = float(volume.score.max()) if len(volume) else 0.0
+        regions = find_defects(volume, 1.0, s.min_defect_voxels, self.accumulator.view_scores())
+        defects = [DefectResult(r.id, r.centroid, r.bbox_min, r.bbox_max, r.peak_score, r.n_voxels, list(r.frames)) for r in regions]
+        T = self.T_world_part
+        return InspectionResult(
+            verdict="fail" if score >= 1.0 else "pass",
+            score=score,
+            threshold=1.0,
+            defects=defects,
+            n_views=n,
+            placement_translation_m=tuple(float(v) for v in T[:3, 3]),
+            placement_rotation_deg=rotation_angle_deg(T[:3, :3]),
+            finalise_ms=(time.perf_counter() - t0) * 1000,
+            volume=volume,
+        )
+
+
+def inspect_capture(inspector: RecipeInspector, capture: Capture, part_id: str = "part") -> tuple[InspectionResult, PartSession]:
+    """Run every frame of a capture through a part session; returns the result and the session (its views)."""
+    session = inspector.start_part(part_id)
+    for frame in capture.frames:
+        session.add_view(frame)
+    return session.finalise(), session

@@ -1,0 +1,195 @@
+"""Command line of the inspection core: ``agent enroll``, ``agent recipes list|show``, ``agent inspect``.
+
+Also the one writer of the spec's inspection output (capture-format.md, "Inspection output").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import typer
+
+from agent import __version__
+from agent.capture import CaptureError, load_capture
+from agent.contract import Placement, Timings, Verdict, VerdictDefect
+from agent.inspection import InspectionResult, ViewResult
+from agent.recipe import RecipeError, check_recipe_name, default_recipes_dir, list_recipes, load_recipe
+
+RECIPES_DIR_HELP = "Recipes folder (default: $AGENT_RECIPES_DIR or ./recipes)."
+recipes_app = typer.Typer(help="Enrolled recipes.", no_args_is_help=True)
+
+
+def _recipes_dir(value: Path | None) -> Path:
+    return value if value is not None else default_recipes_dir()
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@recipes_app.command("list")
+def recipes_list(recipes_dir: Path = typer.Option(None, "--recipes-dir", help=RECIPES_DIR_HELP)) -> None:
+    """Every recipe with its verified version (or why it cannot be used)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    infos = list_recipes(_recipes_dir(recipes_dir))
+    table = Table("recipe", "version", "views", "voxel mm", "backbone", "status")
+    for info in infos:
+        s = info.settings
+        table.add_row(
+            info.name, info.version or "-", f"{s.expected_views} (min {s.min_views})" if s else "-",
+            f"{s.voxel_size_m * 1000:g}" if s else "-", s.backbone if s else "-", "ok" if info.error is None else f"[red]{info.error}[/red]",
+        )  # fmt: skip
+    Console(width=200).print(table)
+    if not infos:
+        typer.echo(f"no recipes in {_recipes_dir(recipes_dir)}")
+
+
+@recipes_app.command("show")
+def recipes_show(
+    name: str = typer.Argument(..., help="Recipe name."),
+    recipes_dir: Path = typer.Option(None, "--recipes-dir", help=RECIPES_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Settings, calibration and artefacts of one recipe (loaded and verified)."""
+    try:
+        check_recipe_name(name)
+        recipe = load_recipe(_recipes_dir(recipes_dir) / name)
+    except (RecipeError, ValueError) as e:
+        _fail(str(e))
+    cal = recipe.calibration.to_json()
+    cal.pop("enrollment_poses")
+    info = {
+        "name": recipe.name,
+        "version": recipe.version,
+        "path": str(recipe.root),
+        "settings": recipe.settings.to_toml(),
+        "calibration": cal,
+        "model": {"gaussians": len(recipe.model), "sh_degree": recipe.model.sh_degree},
+        "memory_bank": {"rows": len(recipe.bank), "dim": recipe.bank.dim, "metadata": recipe.bank.metadata},
+    }
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.pretty import Pretty
+
+    Console().print(Pretty(info))
+
+
+def enroll_command(
+    recipe: str = typer.Option(..., "--recipe", help="Recipe name (an id: [A-Za-z0-9._-])."),
+    captures: Path = typer.Option(..., "--captures", help="The golden capture folder (transforms.json, images, depth)."),
+    recipes_dir: Path = typer.Option(None, "--recipes-dir", help=RECIPES_DIR_HELP),
+    fast: bool = typer.Option(False, "--fast", help="Reference from init_from_depth only (no training)."),
+    iterations: int = typer.Option(1500, "--iterations", min=1, help="Training iterations of the reference."),
+    backbone: str = typer.Option("efficientnet-lite0", "--backbone", help="Feature backbone."),
+    expected_views: int = typer.Option(12, "--expected-views", min=1, help="Views per inspected part."),
+    voxel_size_mm: float = typer.Option(0.0, "--voxel-mm", min=0.0, help="Voxel size; 0 = automatic."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Enroll a recipe from one golden capture: reference model, memory bank, calibration."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from agent.pipeline import EnrollConfig, enroll
+    from agent.recipe import save_recipe
+
+    try:
+        check_recipe_name(recipe)
+        capture = load_capture(captures)
+        config = EnrollConfig(backbone=backbone, model_mode="fast" if fast else "train", train_iterations=iterations,
+                              expected_views=expected_views, voxel_size_m=voxel_size_mm / 1000 or None, seed=seed)  # fmt: skip
+    except (CaptureError, ValueError) as e:
+        _fail(str(e))
+    console = Console()
+    tasks: dict[str, int] = {}
+    t0 = time.perf_counter()
+    with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        try:
+            result = enroll(capture, recipe, config, progress)
+        except ValueError as e:
+            _fail(str(e))
+    root = save_recipe(result, _recipes_dir(recipes_dir))
+    console.print(f"enrolled {recipe} -> {root} ({result.version}) in {time.perf_counter() - t0:.1f} s")
+
+
+def verdict_of(part_id: str, recipe_name: str, version: str, result: InspectionResult, views: list[ViewResult], total_ms: float) -> Verdict:
+    """The MQTT verdict object of an inspection result (also written as verdict.json)."""
+    placement = None
+    if result.placement_translation_m is not None and result.placement_rotation_deg is not None:
+        placement = Placement(tuple(result.placement_translation_m), float(result.placement_rotation_deg))
+    return Verdict(
+        part_id=part_id, recipe=recipe_name, recipe_version=version, verdict=result.verdict, score=result.score,
+        threshold=result.threshold,
+        defects=[VerdictDefect(d.id, d.centroid, d.bbox_min, d.bbox_max, d.peak_score, d.n_voxels, list(d.frames)) for d in result.defects],
+        n_views=result.n_views, placement=placement,
+        timings_ms=Timings(total_ms, float(np.mean([v.latency_ms for v in views])) if views else 0.0, result.finalise_ms),
+        ts=time.time(), agent_version=__version__,
+    )  # fmt: skip
+
+
+def map_overlay(image: np.ndarray, score_map: np.ndarray) -> np.ndarray:
+    """H x W x 3 uint8 RGB: the map (0 .. 2 x threshold, jet colours) over the image; threshold contour in white."""
+    level = np.clip(np.asarray(score_map, dtype=np.float32) / 2.0, 0.0, 1.0)
+    heat = cv2.cvtColor(cv2.applyColorMap((level * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    out = (0.55 * image.astype(np.float32) + 0.45 * heat.astype(np.float32)).astype(np.uint8)
+    above = (score_map >= 1.0).astype(np.uint8)
+    edge = above - cv2.erode(above, np.ones((3, 3), np.uint8))
+    out[edge.astype(bool)] = 255
+    return out
+
+
+def write_inspection_output(out: Path, verdict: Verdict, result: InspectionResult, views: list[ViewResult], images: dict[str, np.ndarray]) -> None:
+    """verdict.json, anomaly_volume.npz, maps/<frame>.npy and maps/<frame>.png (capture-format.md)."""
+    from agent.capture import write_json, write_rgb
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "verdict.json", verdict.to_dict())
+    if result.volume is not None:
+        result.volume.save_npz(out / "anomaly_volume.npz")
+    (out / "maps").mkdir(exist_ok=True)
+    for v in views:
+        if v.anomaly_map is None:
+            continue
+        np.save(out / "maps" / f"{v.frame_id}.npy", v.anomaly_map.astype(np.float32))
+        write_rgb(out / "maps" / f"{v.frame_id}.png", map_overlay(images[v.frame_id], v.anomaly_map))
+
+
+def inspect_command(
+    capture_dir: Path = typer.Argument(..., help="Capture folder (transforms.json with poses)."),
+    recipe: str = typer.Option(..., "--recipe", help="Recipe name."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    recipes_dir: Path = typer.Option(None, "--recipes-dir", help=RECIPES_DIR_HELP),
+    part_id: str = typer.Option(None, "--part-id", help="Part id in the verdict (default: the capture folder name)."),
+    no_placement: bool = typer.Option(False, "--no-placement", help="Skip placement refinement (part exactly in the fixture)."),
+) -> None:
+    """Inspect one capture offline; writes the spec's inspection output and prints the verdict."""
+    from agent.pipeline import RecipeInspector, inspect_capture
+
+    try:
+        check_recipe_name(recipe)
+        rec = load_recipe(_recipes_dir(recipes_dir) / recipe)
+        capture = load_capture(capture_dir)
+    except (RecipeError, CaptureError, ValueError) as e:
+        _fail(str(e))
+    part_id = part_id or capture_dir.resolve().name
+    t0 = time.perf_counter()
+    inspector = RecipeInspector(rec, refine=not no_placement)
+    result, session = inspect_capture(inspector, capture, part_id)
+    total_ms = (time.perf_counter() - t0) * 1000
+    verdict = verdict_of(part_id, rec.name, rec.version, result, session.view_results, total_ms)
+    write_inspection_output(out, verdict, result, session.view_results, {f.name: f.image for f in capture.frames})
+    typer.echo(json.dumps(verdict.to_dict()))
