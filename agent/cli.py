@@ -45,3 +45,7 @@ from agent.pipeline_cli import enroll_command, inspect_command, recipes_app  # n
 app.add_typer(recipes_app, name="recipes")
 app.command("enroll")(enroll_command)
 app.command("inspect")(inspect_command)
+
+from agent.eval.cli import eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
