@@ -1,0 +1,118 @@
+"""Training the Gaussian reference model on simulator recipes: held-out quality and time.
+
+For each product (default stool, vase, bracket) the golden part is simulated from the enrollment
+trajectory (36 views, 256x256, no placement jitter) and trained with the default TrainConfig and
+each strategy (MCMC, default/adaptive). Every 8th view is held out. PSNR and SSIM are on the full
+image with the backdrop (depth = 0 pixels) replaced by one constant colour in both the ground truth
+and the render (the median backdrop colour of the training views); PSNR over the foreground pixels
+only is reported too. Targets: held-out PSNR >= 30 dB, SSIM >= 0.95, training <= 600 s (wall,
+including initialisation) on the 2-core machine. Results are rewritten after every run to
+bench/results/training.json with the machine details and the load average (the machine may be shared).
+
+    .venv/bin/python bench/bench_training.py [--products stool,vase,bracket] [--strategies mcmc,default]
+        [--iterations N] [--size 256] [--views 36] [--append]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agent.sim import SimConfig, enrollment_poses, simulate_part
+from agent.splat.strategy import DefaultStrategy, MCMCStrategy
+from agent.splat.train import TrainConfig, train_gaussians
+
+RESULTS = Path(__file__).parent / "results" / "training.json"
+TARGETS = {"psnr_db": 30.0, "ssim": 0.95, "seconds": 600.0}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def strategy_for(name: str, iterations: int):
+    """The default TrainConfig's strategy (MCMC), or the adaptive one on the same schedule."""
+    default = TrainConfig(iterations=iterations).strategy
+    if name == "mcmc":
+        return dataclasses.replace(default)
+    if name == "default":
+        return DefaultStrategy(
+            refine_start_iter=default.refine_start_iter, refine_stop_iter=default.refine_stop_iter,
+            refine_every=default.refine_every, reset_every=max(iterations // 3, 1), cap_max=default.cap_max,
+        )  # fmt: skip
+    raise SystemExit(f"unknown strategy {name!r}: use mcmc or default")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--products", default="stool,vase,bracket")
+    ap.add_argument("--strategies", default="mcmc,default")
+    ap.add_argument("--iterations", type=int, default=TrainConfig().iterations)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--views", type=int, default=36)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--append", action="store_true", help="keep the other runs already in --out (same product+strategy is replaced)")
+    args = ap.parse_args()
+
+    results = {
+        "machine": {
+            "cpu_model": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads_during_training": TrainConfig().torch_threads, "platform": platform.platform(),
+        },
+        "setup": {
+            "image_size": [args.size, args.size], "views": args.views, "held_out": "every 8th view",
+            "iterations": args.iterations, "backend": "cpu",
+            "metric": "full image, backdrop replaced by the same constant colour in ground truth and render; "
+                      "psnr_foreground over depth>0 pixels only",
+            "seconds": "wall time of train_gaussians including initialisation (total_seconds); cpu_seconds = process CPU time of the optimisation",
+        },  # fmt: skip
+        "targets": TARGETS,
+        "runs": [],
+    }
+    if args.append and args.out.is_file():
+        results["runs"] = json.loads(args.out.read_text()).get("runs", [])
+    for product in args.products.split(","):
+        sim = SimConfig(width=args.size, height=args.size, enroll_views=args.views)
+        capture = simulate_part(product, None, enrollment_poses(product, sim), sim, np.random.default_rng(0), jitter=False)
+        for name in args.strategies.split(","):
+            config = dataclasses.replace(TrainConfig(), iterations=args.iterations, strategy=strategy_for(name, args.iterations),
+                                         eval_every=max(args.iterations // 4, 1))  # fmt: skip
+            load_before = os.getloadavg()
+            t0 = time.perf_counter()
+            model, report = train_gaussians(capture, config)
+            wall = time.perf_counter() - t0
+            final = report.final
+            run = {
+                "product": product, "strategy": name, "psnr_db": final.psnr, "ssim": final.ssim,
+                "psnr_foreground_db": final.psnr_foreground, "seconds": report.total_seconds,
+                "train_seconds": report.train_seconds, "cpu_seconds": report.train_cpu_seconds,
+                "gaussians": report.n_final, "initial_gaussians": report.n_initial,
+                "pruned_floaters": report.pruned_floaters, "max_scale_m": float(model.scales().max()),
+                "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                "meets_targets": final.psnr >= TARGETS["psnr_db"] and final.ssim >= TARGETS["ssim"] and wall <= TARGETS["seconds"],
+                "evals": [dataclasses.asdict(e) for e in report.evals],
+            }  # fmt: skip
+            results["runs"] = [r for r in results["runs"] if (r["product"], r["strategy"]) != (product, name)] + [run]
+            print(f"{product:8s} {name:8s} PSNR {final.psnr:.2f} dB  SSIM {final.ssim:.4f}  fg PSNR {final.psnr_foreground:.2f}  "
+                  f"{report.total_seconds:.0f} s wall ({report.train_cpu_seconds:.0f} s cpu)  {report.n_final} Gaussians  "
+                  f"load {load_before[0]:.1f}", flush=True)  # fmt: skip
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
