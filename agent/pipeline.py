@@ -15,10 +15,11 @@ Enrollment (:func:`enroll`):
    Scores are divided by it, so the verdict threshold is 1.0.
 
 Inspection (:class:`RecipeInspector` -> :class:`PartSession`, the :mod:`agent.inspection` seam): per view,
-placement refinement (:func:`agent.splat.placement.refine_placement`, warm-started, over the latest
-``placement_views`` views, then frozen), projected on the fixture's degrees of freedom (x, y, turn about z),
-the reference rendered at that placement, the three-channel anomaly map
-(:mod:`agent.anomaly`), back-projected with the rendered depth into the voxel accumulator (:mod:`agent.fusion`).
+placement refinement (:func:`agent.splat.placement.refine_placement`, warm-started from the recipe placement, over
+the latest ``placement_views`` views, then frozen; a cold start over every level drifted by ~1 cm on 96 px views), projected on the fixture's degrees of
+freedom (x, y, turn about z), the reference rendered at that placement, the three-channel anomaly map
+(:mod:`agent.anomaly`: the pose-conditioned reference channel primary, memory bank and geometry secondary),
+back-projected with the rendered depth into the voxel accumulator (:mod:`agent.fusion`).
 At the end: part score = maximum of the fused volume; defects = connected components >= 1.0.
 """
 

@@ -42,7 +42,7 @@ CALIBRATION_FILE = "calibration.json"
 MANIFEST_FILE = "manifest.json"
 ARTEFACTS = (RECIPE_FILE, MODEL_FILE, BANK_FILE, CALIBRATION_FILE)
 FORMAT_VERSION = 1
-CHANNELS = ("memory", "feature", "geometry")  # the anomaly-map channels, in calibration order
+CHANNELS = ("memory", "reference", "geometry")  # the anomaly-map channels, in calibration order
 RECIPES_ENV = "AGENT_RECIPES_DIR"
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -185,7 +185,8 @@ class RecipeSettings:
 class Calibration:
     """``calibration.json``: how raw evidence becomes the verdict scale (fitted on nominal data only).
 
-    A view's combined map is ``max_c (channel_c - offset_c) / scale_c`` over :data:`CHANNELS`; the part
+    A view's combined map is ``max_c w_c (channel_c - offset_c) / scale_c`` over :data:`CHANNELS`
+    (``w`` = :data:`agent.anomaly.CHANNEL_WEIGHTS`); the part
     score is the maximum of the fused volume of combined maps divided by ``raw_threshold`` (so the verdict
     threshold is 1.0). ``nominal_part_scores`` are the raw scores of the nominal pseudo-parts the threshold
     was chosen from (their quantile at ``1 - target_false_reject_rate`` times the margin).
