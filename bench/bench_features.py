@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -35,20 +33,11 @@ from agent.features import (
     stage_difference_map,
 )
 from agent.memory_bank import MemoryBank, anomaly_maps
+from agent.machine import machine_details  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "features.json"
 SIZE = 256
 N_IMAGES = 36
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load_average() -> list[float]:
@@ -142,11 +131,7 @@ def main() -> None:
     print(f"kNN {knn:.1f} ms, map {amap:.1f} ms, diff map {diff:.1f} ms; per view {total:.0f} ms")
 
     results["machine"] = {
-        "cpu_model": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        **machine_details(),
         "load_average_before": load_before,
         "load_average_after": load_average(),
         "note": "development machine shared with other jobs; timings are noisy",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -30,18 +29,9 @@ from agent import geometry
 from agent.sim import SimConfig, enrollment_poses, inspection_poses, simulate_part
 from agent.splat.placement import PlacementConfig, SingleImagePoseConfig, estimate_single_image_pose, refine_placement
 from agent.splat.train import TrainConfig, train_gaussians
+from agent.machine import machine_details  # noqa: E402
 
 DEFECTS = [None, "stain", "missing", "dent", None, "scratch", "burr"]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def errors(T: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -135,11 +125,7 @@ def main(
     result = {
         "benchmark": "placement refinement through the Gaussian rasterizer (agent/splat/placement.py)",
         "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
+            **machine_details(),
             "torch_threads": config.torch_threads,
             "load_average_1min_before": load_before,
             "load_average_1min_after": os.getloadavg()[0],

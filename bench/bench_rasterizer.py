@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,18 +24,9 @@ import torch
 
 from agent.splat import cpu_kernel, rasterize
 from agent.splat.scenes import Scene, surface_scene
+from agent.machine import machine_details  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "rasterizer.json"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def subset(scene: Scene, n: int) -> Scene:
@@ -152,12 +142,7 @@ def main() -> None:
             "load_seconds_this_run": load_s,
         },
         "machine": {
-            "cpu_model": cpu_model(),
-            "logical_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
+            **machine_details(),
             "load_average": list(os.getloadavg()),
         },
         "dtype": "float32",

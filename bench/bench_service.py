@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import sys
 import tempfile
@@ -29,20 +27,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-import torch  # noqa: E402  (version in the report only)
 
 from agent.contract import FrameMessage, PartStart, RobotPose  # noqa: E402
 from agent.geometry import Intrinsics  # noqa: E402
 from agent.service import CellConfig, InspectionService, MqttConfig, ServiceConfig  # noqa: E402
 from storage import ResultStore  # noqa: E402
 from test_service_doubles import Cell, RedPixelInspector, ServiceThread, c2w_at, factory_for, forget_sessions  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+from agent.machine import machine_details  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -116,7 +107,7 @@ def main() -> None:
             hist[line.split("{")[0]] = float(line.rsplit(" ", 1)[1])
     result = {
         "benchmark": "service throughput with the TEST inspector (red-pixel fraction; no real inspection)",
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(), "note": "2-core machine shared with other jobs while measured"},
+        "machine": {**machine_details(), "note": "2-core machine shared with other jobs while measured"},
         "image_size": [size, size],
         "encoding": "png",
         "payload_bytes_per_frame": len(FrameMessage.from_arrays("p", "f", "cam0", 0.0, img, intrinsics=K).to_payload()),

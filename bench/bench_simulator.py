@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import tempfile
 import time
@@ -21,18 +20,9 @@ import typer
 
 from agent.sim.config import SimConfig
 from agent.sim.dataset import write_dataset
+from agent.machine import machine_details  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "simulator.json"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(
@@ -44,12 +34,6 @@ def main(
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(RESULTS, "--out", help="JSON result file."),
 ) -> None:
-    try:
-        import torch
-
-        torch_version = torch.__version__
-    except ImportError:
-        torch_version = None
     config = SimConfig(width=size, height=size)
     runs = []
     for name in recipe:
@@ -76,8 +60,7 @@ def main(
                    f"load average {load_before:.2f} before")
     result = {
         "benchmark": "simulator: golden enrollment capture + test parts of one recipe, cell layout written to disk",
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "numpy": np.__version__, "torch": torch_version,
+        "machine": {**machine_details(), "numpy": np.__version__,
                     "note": "development machine shared with other jobs: wall time depends on the load (see "
                             "load_average_*); cpu_seconds counts this process and its workers, and "
                             "seconds_if_uncontended = cpu_seconds / min(workers, cores)"},

@@ -19,29 +19,18 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from agent.sim import SimConfig, enrollment_poses, simulate_part
-from agent.splat.strategy import DefaultStrategy, MCMCStrategy
+from agent.splat.strategy import DefaultStrategy
 from agent.splat.train import TrainConfig, train_gaussians
+from agent.machine import machine_details  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "training.json"
 TARGETS = {"psnr_db": 30.0, "ssim": 0.95, "seconds": 600.0}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def strategy_for(name: str, iterations: int):
@@ -70,8 +59,7 @@ def main() -> None:
 
     results = {
         "machine": {
-            "cpu_model": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads_during_training": TrainConfig().torch_threads, "platform": platform.platform(),
+            **machine_details(), "torch_threads_during_training": TrainConfig().torch_threads,
         },
         "setup": {
             "image_size": [args.size, args.size], "views": args.views, "held_out": "every 8th view",

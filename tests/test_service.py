@@ -248,8 +248,6 @@ def test_every_class_of_bad_input_gets_an_error_a_metric_and_a_record(run_agent,
     c = cell.cell
     frame_topic, start_topic, end_topic, pose_topic = (f"inspect/{c}/{s}" for s in ("camera/cam0/frame", "part/start", "part/end", "robot/pose"))
     cell.start("p1")
-    good_b64 = _frame_payload()["image"]["data_b64"]
-    rigid = c2w_at(0).tolist()
     non_rigid = (np.diag([2.0, 1.0, 1.0, 1.0])).tolist()
     cases = [  # (name, topic, payload, code)
         ("not json", frame_topic, b"{not json", "bad_json"),

@@ -159,7 +159,6 @@ def test_defect_ground_truth_is_consistent(name, defect):
     assert gt.label == defect and len(gt.defects) == 1
     blob = gt.defects[0]
     assert blob.id == 1 and blob.type == defect
-    mm = SIZES_M[name]
     assert 0.003 <= blob.radius_m <= 0.04
 
     # visible in at least two inspection views

@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -48,6 +47,7 @@ from agent.memory_bank import MemoryBank, anomaly_maps, patch_rows
 from agent.pipeline import EnrollConfig, RecipeInspector, build_bank, enroll, inspect_capture
 from agent.recipe import Recipe, RecipeError, load_recipe, save_recipe
 from agent.splat.placement import SingleImagePoseConfig, estimate_single_image_pose
+from agent import machine
 
 BASELINES = ("patchcore-max",)
 PROTOCOLS = ("cell", "mad")
@@ -97,30 +97,9 @@ class EvalOptions:
 # Machine details
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_details(image_sizes: set[tuple[int, int]]) -> dict:
-    """CPU model, cores, torch version and threads, device, image sizes, load average."""
-    cuda = torch.cuda.is_available()
-    return {
-        "cpu_model": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": f"cuda ({torch.cuda.get_device_name(0)}) for rendering, features on cpu" if cuda else f"cpu ({os.cpu_count()} cores)",
-        "image_size": ", ".join(f"{w}x{h}" for w, h in sorted(image_sizes)) or "-",
-        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
+    """The machine (agent.machine.machine_details) plus the image sizes evaluated."""
+    return machine.machine_details(image_size=", ".join(f"{w}x{h}" for w, h in sorted(image_sizes)) or "-")
 
 
 # ---------------------------------------------------------------------------------------------

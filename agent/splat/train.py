@@ -18,7 +18,6 @@ PSNR over the foreground pixels only.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal
