@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from agent.geometry import Intrinsics, check_rigid
+from agent.errors import FileProblemError
 
 DEFECT_TYPES = ("stain", "scratch", "burr", "dent", "missing")
 
@@ -75,16 +76,8 @@ MASK_THRESHOLD = 127  # capture masks: > 127 = defect pixel
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 
-class CaptureError(ValueError):
+class CaptureError(FileProblemError):
     """A capture or dataset file that cannot be used. ``str()`` is ``"<path>: <problem>"``."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
-    def __reduce__(self):
-        return (type(self), (self.path, self.problem))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import tomli_w
 from agent.geometry import Intrinsics, check_rigid
 from agent.memory_bank import MemoryBank
 from agent.splat.model import GaussianModel
+from agent.errors import FileProblemError
 
 RECIPE_FILE = "recipe.toml"
 MODEL_FILE = "model.ply"
@@ -47,16 +48,8 @@ RECIPES_ENV = "AGENT_RECIPES_DIR"
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
-class RecipeError(ValueError):
+class RecipeError(FileProblemError):
     """A recipe that cannot be used. ``str()`` is ``"<path>: <problem>"``."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
-    def __reduce__(self):
-        return (type(self), (self.path, self.problem))
 
 
 def default_recipes_dir() -> Path:
