@@ -823,6 +823,14 @@ class VerdictDefect:
     n_voxels: int
     frames: list[str]  # frame ids that saw it
 
+    @classmethod
+    def from_region(cls, region: Any) -> VerdictDefect:
+        """From any object with the same fields, e.g. ``agent.fusion.DefectRegion``."""
+        return cls(
+            int(region.id), tuple(region.centroid), tuple(region.bbox_min), tuple(region.bbox_max),
+            float(region.peak_score), int(region.n_voxels), list(region.frames),
+        )  # fmt: skip
+
     def to_dict(self) -> dict:
         return {
             "id": int(self.id),

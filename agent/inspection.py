@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from agent.capture import Frame
+from agent.fusion import DefectRegion
 from agent.geometry import Intrinsics
 
 
@@ -29,26 +30,13 @@ class ViewResult:
 
 
 @dataclass
-class DefectResult:
-    """One 3D defect (a connected component of the anomaly volume), world frame, metres."""
-
-    id: int
-    centroid: tuple[float, float, float]
-    bbox_min: tuple[float, float, float]
-    bbox_max: tuple[float, float, float]
-    peak_score: float
-    n_voxels: int
-    frames: list[str]
-
-
-@dataclass
 class InspectionResult:
     """The outcome of a part, before it becomes a verdict message."""
 
     verdict: str  # "pass" | "fail" | "incomplete"
     score: float | None  # None when incomplete
     threshold: float  # 1.0 by construction of the score scale
-    defects: list[DefectResult]
+    defects: list[DefectRegion]  # 3D defects, world frame, metres
     n_views: int
     placement_translation_m: tuple[float, float, float] | None
     placement_rotation_deg: float | None

@@ -40,7 +40,7 @@ from agent.contract import ContractError
 from agent.features import DEFAULT_EXTRACTOR, PatchFeatureExtractor, get_extractor
 from agent.fusion import VoxelAccumulator, find_defects
 from agent.geometry import Intrinsics, check_rigid, rotation_about_axis, rotation_angle_deg
-from agent.inspection import DefectResult, InspectionResult, ViewResult
+from agent.inspection import InspectionResult, ViewResult
 from agent.memory_bank import MemoryBank, patch_rows
 from agent.recipe import Calibration, Recipe, RecipeSettings
 from agent.splat.init import init_from_depth
@@ -398,8 +398,7 @@ class PartSession:
             return InspectionResult("incomplete", None, 1.0, [], n, None, None, (time.perf_counter() - t0) * 1000)
         volume = self.accumulator.volume()
         score = float(volume.score.max()) if len(volume) else 0.0
-        regions = find_defects(volume, 1.0, s.min_defect_voxels, self.accumulator.view_scores())
-        defects = [DefectResult(r.id, r.centroid, r.bbox_min, r.bbox_max, r.peak_score, r.n_voxels, list(r.frames)) for r in regions]
+        defects = find_defects(volume, 1.0, s.min_defect_voxels, self.accumulator.view_scores())
         T = self.T_world_part
         return InspectionResult(
             verdict="fail" if score >= 1.0 else "pass",

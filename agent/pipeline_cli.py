@@ -134,7 +134,7 @@ def verdict_of(part_id: str, recipe_name: str, version: str, result: InspectionR
     return Verdict(
         part_id=part_id, recipe=recipe_name, recipe_version=version, verdict=result.verdict, score=result.score,
         threshold=result.threshold,
-        defects=[VerdictDefect(d.id, d.centroid, d.bbox_min, d.bbox_max, d.peak_score, d.n_voxels, list(d.frames)) for d in result.defects],
+        defects=[VerdictDefect.from_region(d) for d in result.defects],
         n_views=result.n_views, placement=placement,
         timings_ms=Timings(total_ms, float(np.mean([v.latency_ms for v in views])) if views else 0.0, result.finalise_ms),
         ts=time.time(), agent_version=__version__,

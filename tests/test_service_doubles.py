@@ -24,7 +24,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.capture import Frame
 from agent.contract import FrameMessage, PartEnd, PartStart, RobotPose, parse_outbound
 from agent.geometry import Intrinsics
-from agent.inspection import DefectResult, InspectionResult, ViewResult
+from agent.fusion import DefectRegion
+from agent.inspection import InspectionResult, ViewResult
 
 SIZE = 32
 K = Intrinsics(40.0, 40.0, SIZE / 2, SIZE / 2, SIZE, SIZE)
@@ -87,7 +88,7 @@ class RedPixelPart:
         score = max(self.scores.values())
         bad = [f for f, s in self.scores.items() if s > 1.0]
         p = np.array(self.inspector.defect_point)
-        defects = [DefectResult(1, tuple(p), tuple(p - 0.005), tuple(p + 0.005), score, 7, bad)] if bad else []
+        defects = [DefectRegion(1, tuple(p), tuple(p - 0.005), tuple(p + 0.005), score, 7, tuple(bad))] if bad else []
         return InspectionResult("fail" if bad else "pass", score, 1.0, defects, len(self.scores), (0.001, 0.0, -0.002), 0.5, 1.0)
 
 

@@ -640,7 +640,7 @@ class InspectionService:
             verdict=r.verdict,
             score=None if r.score is None else float(r.score),
             threshold=float(r.threshold),
-            defects=[VerdictDefect(d.id, tuple(d.centroid), tuple(d.bbox_min), tuple(d.bbox_max), float(d.peak_score), int(d.n_voxels), list(d.frames)) for d in r.defects],
+            defects=[VerdictDefect.from_region(d) for d in r.defects],
             n_views=int(r.n_views),
             placement=placement,
             timings_ms=Timings(total=total_ms, per_view_mean=float(np.mean(part.view_ms)) if part.view_ms else 0.0, finalise=finalise_ms),
