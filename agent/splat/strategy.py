@@ -113,6 +113,16 @@ def _sample_by_opacity(opacities: Tensor, n: int, generator: torch.Generator | N
     return torch.multinomial(opacities, n, replacement=True, generator=generator)
 
 
+def _shared_opacity_scale(
+    params: Params, opac: Tensor, sampled: Tensor, binoms: Tensor, min_opacity: float
+) -> tuple[Tensor, Tensor]:
+    """Opacity and scale of each sampled Gaussian once it is shared by its copies (3DGS-MCMC eq. 9), opacity clamped."""
+    new_o, new_s = compute_relocation(
+        opac[sampled], torch.exp(params["scales"].data)[sampled], torch.bincount(sampled)[sampled] + 1, binoms
+    )
+    return new_o.clamp(min=min_opacity, max=1.0 - torch.finfo(torch.float32).eps), new_s
+
+
 @torch.no_grad()
 def relocate(
     params: Params, optimizers: Optimizers, dead: Tensor, binoms: Tensor, min_opacity: float,
@@ -125,10 +135,7 @@ def relocate(
         return 0
     opac = torch.sigmoid(params["opacities"].data)
     sampled = alive_idx[_sample_by_opacity(opac[alive_idx], len(dead_idx), generator)]
-    new_o, new_s = compute_relocation(
-        opac[sampled], torch.exp(params["scales"].data)[sampled], torch.bincount(sampled)[sampled] + 1, binoms
-    )
-    new_o = new_o.clamp(min=min_opacity, max=1.0 - torch.finfo(torch.float32).eps)
+    new_o, new_s = _shared_opacity_scale(params, opac, sampled, binoms, min_opacity)
 
     def param_fn(name: str, p: Tensor) -> Tensor:
         p = p.clone()
@@ -157,10 +164,7 @@ def sample_add(
         return 0
     opac = torch.sigmoid(params["opacities"].data)
     sampled = _sample_by_opacity(opac, n, generator)
-    new_o, new_s = compute_relocation(
-        opac[sampled], torch.exp(params["scales"].data)[sampled], torch.bincount(sampled)[sampled] + 1, binoms
-    )
-    new_o = new_o.clamp(min=min_opacity, max=1.0 - torch.finfo(torch.float32).eps)
+    new_o, new_s = _shared_opacity_scale(params, opac, sampled, binoms, min_opacity)
 
     def param_fn(name: str, p: Tensor) -> Tensor:
         p = p.clone()
