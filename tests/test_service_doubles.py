@@ -256,7 +256,7 @@ def test_red_pixel_inspector_scores_red_and_fails_with_a_defect():
     assert red.view_score == pytest.approx(0.25 / 0.05)
     result = part.finalise()
     assert result.verdict == "fail" and result.score == pytest.approx(5.0)
-    assert result.defects[0].frames == ["b"] and result.n_views == 2
+    assert result.defects[0].frames == ("b",) and result.n_views == 2
 
 
 def test_red_pixel_inspector_passes_grey_parts_and_explodes_on_boom():
