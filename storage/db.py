@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
+import time
 from functools import partial
 from pathlib import Path
 
@@ -89,6 +91,26 @@ def make_engine(url: str | URL, *, create_dir: bool = True, echo: bool = False) 
     return engine
 
 
+def _switch_to_wal(cursor) -> str:  # noqa: ANN001
+    """Put the database file in WAL mode; returns the journal mode it is in.
+
+    WAL is a property of the file, so a file already in WAL is left alone. The switch needs an exclusive
+    lock and SQLite answers "database is locked" at once instead of running the busy handler, so when
+    several agents open a new file together the switch is retried within the busy timeout.
+    """
+    mode = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+    if str(mode).lower() == "wal":
+        return mode
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):  # noqa: ANN001
@@ -98,7 +120,7 @@ def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys = ON")
             if wal:
-                mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                mode = _switch_to_wal(cursor)
                 if str(mode).lower() != "wal":
                     raise RuntimeError(f"SQLite database could not switch to WAL journal mode (got {mode!r})")
             cursor.execute("PRAGMA synchronous = FULL")
