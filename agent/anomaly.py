@@ -37,6 +37,7 @@ from agent.geometry import Intrinsics
 from agent.memory_bank import MemoryBank, anomaly_maps
 from agent.splat.init import backdrop_mask
 from agent.splat.model import GaussianModel, Ks_from_intrinsics, viewmats_from_c2w
+from agent.surface import NominalSurface, surface_residuals
 
 # The geometry channel's scale is never fitted below this (1 = one full pixel of missing material after
 # the blur): on nominal views it is often nearly zero everywhere, and a tiny fitted scale would turn the
@@ -244,3 +245,29 @@ def combine_channels(maps: np.ndarray, offset, scale) -> np.ndarray:
     sc = np.asarray(scale, dtype=np.float32)[:, None, None]
     w = np.asarray(CHANNEL_WEIGHTS, dtype=np.float32)[:, None, None]
     return (w * (maps - off) / sc).max(axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Surface scoring (views with depth against the recipe's nominal surface)
+
+SURFACE_CHANNELS = ("extra", "inside", "colour")
+
+
+def surface_channel_maps(surface: NominalSurface, frame: Frame, T_world_part: np.ndarray) -> np.ndarray:
+    """[3, H, W] float32: extra material, material inside the nominal surface, and colour, in units of each surface
+    point's nominal tolerance (:func:`agent.surface.surface_residuals`); a 3 x 3 median removes single-pixel noise
+    (measured: without it on colour, brushed-metal glints cost more than the one-pixel-wide scratches it keeps) and
+    a Gaussian of sigma ``map_sigma_px / 4`` (1 px at 256 px) pools neighbouring pixels."""
+    r = surface_residuals(surface, frame, T_world_part)
+    sigma = map_sigma_px(frame.intrinsics.width) / 4.0
+    out = []
+    for m in (r.extra, r.inside, r.colour):
+        out.append(scipy.ndimage.gaussian_filter(cv2.medianBlur(np.ascontiguousarray(m, dtype=np.float32), 3), sigma))
+    return np.stack(out).astype(np.float32)
+
+
+def combine_surface_channels(maps: np.ndarray, scale=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """H x W float32: ``max_c maps[c] / scale[c]`` over the surface channels (each already in units of its nominal
+    tolerance; ``scale`` = each channel's typical peak on held-out nominal views, so that none dominates)."""
+    sc = np.asarray(scale, dtype=np.float32)[:, None, None]
+    return (np.asarray(maps, dtype=np.float32) / sc).max(axis=0)

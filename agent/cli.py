@@ -49,3 +49,11 @@ app.command("inspect")(inspect_command)
 from agent.eval.cli import eval_command  # noqa: E402
 
 app.command("eval")(eval_command)
+
+from agent.report.cli import report_command  # noqa: E402
+
+app.command("report")(report_command)
+
+from agent.demo import demo_command  # noqa: E402
+
+app.command("demo")(demo_command)

@@ -46,6 +46,7 @@ from agent.recipe import Calibration, Recipe, RecipeSettings
 from agent.splat.init import init_from_depth
 from agent.splat.model import GaussianModel
 from agent.splat.placement import PlacementConfig, refine_placement
+from agent.surface import NominalSurface, build_nominal_surface, fit_placement
 
 Progress = Callable[[str, int, int], None]  # (stage description, done, total)
 
@@ -73,6 +74,7 @@ class EnrollConfig:
     threshold_margin: float = 1.25
     placement_views: int = 3
     depth_scale_m: float = 0.003
+    surface: bool = True  # build the nominal surface (agent.surface) when every golden view has depth
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -272,6 +274,10 @@ def enroll(
     quantile = float(np.quantile(part_scores, 1.0 - config.target_false_reject_rate))
     raw_threshold = max(quantile, 1e-6) * config.threshold_margin
 
+    surface, surface_threshold, surface_scores, channel_scale = None, None, [], [1.0, 1.0, 1.0]
+    if config.surface and all(f.depth is not None for f in capture.frames):
+        surface, surface_threshold, surface_scores, channel_scale = build_surface(capture, voxel_size, expected, config, rng, progress)
+
     settings = RecipeSettings(
         name=name, camera=K, voxel_size_m=float(voxel_size), backbone=config.backbone, expected_views=expected,
         min_views=min_views, fusion_rule=config.fusion_rule, min_defect_voxels=config.min_defect_voxels,
@@ -285,11 +291,57 @@ def enroll(
         enrollment_poses=[np.asarray(f.c2w) for f in capture.frames], enrollment_frames=[f.name for f in capture.frames],
         geometry_depth_scale_m=config.depth_scale_m, map_sigma_px=sigma, folds=folds,
         notes={"bank_rows": len(bank), "enrich_renders": config.enrich_renders, "n_gaussians": len(model),
-               "quantile": quantile, "train_iterations": config.train_iterations if config.model_mode == "train" else 0},
+               "quantile": quantile, "train_iterations": config.train_iterations if config.model_mode == "train" else 0,
+               "surface_points": 0 if surface is None else len(surface)},
+        surface_raw_threshold=surface_threshold, surface_nominal_part_scores=surface_scores, surface_channel_scale=channel_scale,
     )  # fmt: skip
     settings.validate()
     calibration.validate()
-    return Recipe(settings, model, bank, calibration)
+    return Recipe(settings, model, bank, calibration, surface)
+
+
+def surface_spacing(voxel_size_m: float) -> float:
+    """Grid spacing of the nominal surface: the pixel footprint on the part (the voxel is 2.5 footprints)."""
+    return voxel_size_m / 2.5
+
+
+def build_surface(
+    capture: Capture, voxel_size: float, expected: int, config: EnrollConfig, rng: np.random.Generator, progress: Progress = _noop
+) -> tuple[NominalSurface, float, list[float], list[float]]:
+    """The nominal surface of the golden capture, its part-score threshold, the nominal pseudo-part scores and the
+    channel scales, nominal data only.
+
+    Threshold: the golden views are split into ``folds``; a surface is built without each fold and its views are
+    scored against it (as inspection views, at the recipe placement); ``pseudo_parts`` random sets of ``expected``
+    held-out views are fused like parts; the raw threshold is their ``1 - target_false_reject_rate`` quantile times
+    ``threshold_margin``."""
+    spacing = surface_spacing(voxel_size)
+    frames = capture.frames
+    n = len(frames)
+    folds = min(config.folds, n)
+    maps: list[np.ndarray] = [None] * n  # type: ignore[list-item]
+    for fold in range(folds):
+        progress("surface: leave-views-out", fold, folds + 1)
+        held = list(range(fold, n, folds))
+        fold_surface = build_nominal_surface([frames[i] for i in range(n) if i % folds != fold], spacing, folds=config.folds)
+        for i in held:
+            maps[i] = anomaly.surface_channel_maps(fold_surface, frames[i], np.eye(4))
+    progress("surface: leave-views-out", folds, folds + 1)
+    surface = build_nominal_surface(frames, spacing, folds=config.folds)
+    progress("surface: leave-views-out", folds + 1, folds + 1)
+    # each channel's typical peak on a held-out view (the median of the per-view maxima), so no channel dominates
+    channel_scale = [max(float(np.median([m[c].max() for m in maps])), 0.1) for c in range(3)]
+    combined = [anomaly.combine_surface_channels(m, channel_scale) for m in maps]
+    scores = []
+    k = min(expected, n)
+    for _ in range(config.pseudo_parts):
+        acc = VoxelAccumulator(voxel_size, rule=config.fusion_rule)
+        for i in sorted(rng.choice(n, size=k, replace=False)):
+            f = frames[i]
+            acc.add_view(combined[i], f.depth, f.c2w, f.intrinsics, f.name)
+        scores.append(float(acc.volume().score.max()))
+    threshold = max(float(np.quantile(scores, 1.0 - config.target_false_reject_rate)), 1e-6) * config.threshold_margin
+    return surface, threshold, scores, channel_scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +406,6 @@ class PartSession:
         self.T_world_part = np.eye(4)
         self.placement_ok = False
         self.view_results: list[ViewResult] = []
-        self.references: dict[str, anomaly.ReferenceView] = {}
 
     def add_view(self, frame: Frame) -> ViewResult:
         t0 = time.perf_counter()
@@ -367,6 +418,45 @@ class PartSession:
         insp, cal = self.inspector, self.inspector.recipe.calibration
         timings: dict[str, float] = {}
         self.views.append(frame)
+        surface = insp.recipe.surface
+        if surface is not None and frame.depth is not None and cal.surface_raw_threshold is not None:
+            score_map, fusion_depth = self._surface_view(frame, surface, cal.surface_raw_threshold, timings)
+        else:
+            score_map, fusion_depth = self._feature_view(frame, timings)
+        t = time.perf_counter()
+        self.accumulator.add_view(score_map, fusion_depth, frame.c2w, frame.intrinsics, frame.name)
+        timings["fusion"] = (time.perf_counter() - t) * 1000
+        latency = (time.perf_counter() - t0) * 1000
+        result = ViewResult(frame.name, float(score_map.max()), latency, score_map.astype(np.float32), timings)
+        self.view_results.append(result)
+        return result
+
+    def _surface_view(self, frame: Frame, surface: NominalSurface, raw_threshold: float, timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+        """Surface scoring of a view with depth: ICP placement over the first ``placement_views`` views (a
+        multi-start search on the first), then the surface evidence; fused through the observed depth."""
+        insp = self.inspector
+        n_place = insp.recipe.settings.placement_views
+        if insp.refine and len(self.views) <= n_place:
+            t = time.perf_counter()
+            first = not self.placement_ok
+            try:
+                fit = fit_placement(surface, [v for v in self.views if v.depth is not None], init=self.T_world_part,
+                                    search_mm=3.0 if first else 0.0, search_deg=3.0 if first else 0.0)  # fmt: skip
+                self.T_world_part = planar_placement(fit.T_world_part)
+                self.placement_ok = True
+            except ValueError:  # too little depth on the part: keep the previous estimate
+                pass
+            timings["placement"] = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        maps = anomaly.surface_channel_maps(surface, frame, self.T_world_part)
+        score_map = anomaly.combine_surface_channels(maps, insp.recipe.calibration.surface_channel_scale) / raw_threshold
+        timings["anomaly_map"] = (time.perf_counter() - t) * 1000
+        return score_map, np.asarray(frame.depth, dtype=np.float32)
+
+    def _feature_view(self, frame: Frame, timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+        """Feature scoring of a view (no depth, or a recipe without a surface): placement through the Gaussian
+        renderer, the three feature/reference/geometry channels; fused through the rendered depth."""
+        insp, cal = self.inspector, self.inspector.recipe.calibration
         if insp.refine and len(self.views) <= insp.recipe.settings.placement_views:
             t = time.perf_counter()
             recent = self.views[-insp.recipe.settings.placement_views :]
@@ -381,14 +471,7 @@ class PartSession:
         maps, ref = insp.scorer.channels(frame, self.T_world_part)
         score_map = anomaly.combine_channels(maps, cal.channel_offset, cal.channel_scale) / cal.raw_threshold
         timings["anomaly_map"] = (time.perf_counter() - t) * 1000
-        t = time.perf_counter()
-        self.accumulator.add_view(score_map, ref.depth, frame.c2w, frame.intrinsics, frame.name)
-        self.references[frame.name] = ref
-        timings["fusion"] = (time.perf_counter() - t) * 1000
-        latency = (time.perf_counter() - t0) * 1000
-        result = ViewResult(frame.name, float(score_map.max()), latency, score_map.astype(np.float32), timings)
-        self.view_results.append(result)
-        return result
+        return score_map, ref.depth
 
     def finalise(self) -> InspectionResult:
         t0 = time.perf_counter()

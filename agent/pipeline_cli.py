@@ -1,6 +1,6 @@
-"""Command line of the inspection core: ``agent enroll``, ``agent recipes list|show``, ``agent inspect``.
+"""Command line of the inspection core: ``agent enroll``, ``agent recipes list|show|export-model``, ``agent inspect``.
 
-Also the one writer of the spec's inspection output (capture-format.md, "Inspection output").
+The spec's inspection output (capture-format.md, "Inspection output") is written by agent.artifacts.
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import json
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import typer
 
 from agent import __version__
+from agent.artifacts import write_inspection_output
 from agent.capture import CaptureError, load_capture
 from agent.contract import Placement, Timings, Verdict, VerdictDefect
 from agent.inspection import InspectionResult, ViewResult
@@ -83,6 +83,36 @@ def recipes_show(
     Console().print(Pretty(info))
 
 
+@recipes_app.command("export-model")
+def recipes_export_model(
+    name: str = typer.Argument(..., help="Recipe name."),
+    out: Path = typer.Argument(..., help="PLY file to write (replaced)."),
+    recipes_dir: Path = typer.Option(None, "--recipes-dir", help=RECIPES_DIR_HELP),
+) -> None:
+    """Write the recipe's Gaussian reference model as a standard 3DGS PLY (INRIA layout; opens in splat viewers)."""
+    import shutil
+
+    from agent.recipe import MODEL_FILE, verify_recipe_files
+    from agent.splat.ply import load_ply
+
+    try:
+        check_recipe_name(name)
+        root = _recipes_dir(recipes_dir) / name
+        version = verify_recipe_files(root)  # the model is the one the manifest names
+        n = len(load_ply(root / MODEL_FILE))  # and in the 3DGS layout
+    except (RecipeError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if out.is_dir():
+        typer.echo(f"error: {out} is a directory; give the PLY file to write", err=True)
+        raise typer.Exit(2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.copyfile(root / MODEL_FILE, tmp)
+    tmp.replace(out)
+    typer.echo(f"wrote {n} Gaussians of recipe {name} ({version}) to {out}")
+
+
 def enroll_command(
     recipe: str = typer.Option(..., "--recipe", help="Recipe name (an id: [A-Za-z0-9._-])."),
     captures: Path = typer.Option(..., "--captures", help="The golden capture folder (transforms.json, images, depth)."),
@@ -139,33 +169,6 @@ def verdict_of(part_id: str, recipe_name: str, version: str, result: InspectionR
         timings_ms=Timings(total_ms, float(np.mean([v.latency_ms for v in views])) if views else 0.0, result.finalise_ms),
         ts=time.time(), agent_version=__version__,
     )  # fmt: skip
-
-
-def map_overlay(image: np.ndarray, score_map: np.ndarray) -> np.ndarray:
-    """H x W x 3 uint8 RGB: the map (0 .. 2 x threshold, jet colours) over the image; threshold contour in white."""
-    level = np.clip(np.asarray(score_map, dtype=np.float32) / 2.0, 0.0, 1.0)
-    heat = cv2.cvtColor(cv2.applyColorMap((level * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    out = (0.55 * image.astype(np.float32) + 0.45 * heat.astype(np.float32)).astype(np.uint8)
-    above = (score_map >= 1.0).astype(np.uint8)
-    edge = above - cv2.erode(above, np.ones((3, 3), np.uint8))
-    out[edge.astype(bool)] = 255
-    return out
-
-
-def write_inspection_output(out: Path, verdict: Verdict, result: InspectionResult, views: list[ViewResult], images: dict[str, np.ndarray]) -> None:
-    """verdict.json, anomaly_volume.npz, maps/<frame>.npy and maps/<frame>.png (capture-format.md)."""
-    from agent.capture import write_json, write_rgb
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "verdict.json", verdict.to_dict())
-    if result.volume is not None:
-        result.volume.save_npz(out / "anomaly_volume.npz")
-    (out / "maps").mkdir(exist_ok=True)
-    for v in views:
-        if v.anomaly_map is None:
-            continue
-        np.save(out / "maps" / f"{v.frame_id}.npy", v.anomaly_map.astype(np.float32))
-        write_rgb(out / "maps" / f"{v.frame_id}.png", map_overlay(images[v.frame_id], v.anomaly_map))
 
 
 def inspect_command(

@@ -7,6 +7,8 @@ A recipe is a folder ``<recipes_dir>/<name>/``:
 - ``memory_bank.safetensors`` the PatchCore memory bank (agent.memory_bank format)
 - ``calibration.json``     per-channel normalisation of the anomaly map, the raw part-score threshold, the
                            nominal scores it came from, the enrollment camera poses and backdrop colour
+- ``surface.npz``          optional (enrollment captures with depth): the golden part's measured surface with its
+                           colour and nominal tolerances (:class:`agent.surface.NominalSurface`)
 - ``manifest.json``        ``{"files": {name: sha256}}`` of every artefact above
 
 The recipe version is ``"sha256:" + sha256(manifest.json bytes)``: it changes when any artefact changes.
@@ -35,13 +37,16 @@ from agent.geometry import Intrinsics, check_rigid
 from agent.memory_bank import MemoryBank
 from agent.splat.model import GaussianModel
 from agent.errors import FileProblemError
+from agent.surface import NominalSurface
 
 RECIPE_FILE = "recipe.toml"
 MODEL_FILE = "model.ply"
 BANK_FILE = "memory_bank.safetensors"
 CALIBRATION_FILE = "calibration.json"
 MANIFEST_FILE = "manifest.json"
+SURFACE_FILE = "surface.npz"
 ARTEFACTS = (RECIPE_FILE, MODEL_FILE, BANK_FILE, CALIBRATION_FILE)
+OPTIONAL_ARTEFACTS = (SURFACE_FILE,)
 FORMAT_VERSION = 1
 CHANNELS = ("memory", "reference", "geometry")  # the anomaly-map channels, in calibration order
 RECIPES_ENV = "AGENT_RECIPES_DIR"
@@ -196,6 +201,11 @@ class Calibration:
     map_sigma_px: float  # Gaussian blur of the channel maps at the recipe camera's size
     folds: int
     notes: dict[str, Any] = field(default_factory=dict)
+    # Surface scoring (views with depth, recipes with a nominal surface): the raw part-score threshold of the
+    # surface evidence and the nominal pseudo-part scores it came from; None when the recipe has no surface.
+    surface_raw_threshold: float | None = None
+    surface_nominal_part_scores: list[float] = field(default_factory=list)
+    surface_channel_scale: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # agent.anomaly.SURFACE_CHANNELS
 
     def validate(self) -> None:
         n = len(CHANNELS)
@@ -214,6 +224,10 @@ class Calibration:
             raise ValueError("enrollment_poses and enrollment_frames must be non-empty and equally long")
         for i, T in enumerate(self.enrollment_poses):
             check_rigid(T, what=f"enrollment_poses[{i}]")
+        if len(self.surface_channel_scale) != 3 or not all(math.isfinite(v) and v > 0 for v in self.surface_channel_scale):
+            raise ValueError(f"surface_channel_scale must be 3 positive values, got {self.surface_channel_scale}")
+        if self.surface_raw_threshold is not None and not (math.isfinite(self.surface_raw_threshold) and self.surface_raw_threshold > 0):
+            raise ValueError(f"surface_raw_threshold must be > 0, got {self.surface_raw_threshold}")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -230,6 +244,9 @@ class Calibration:
             "map_sigma_px": float(self.map_sigma_px),
             "folds": int(self.folds),
             "notes": self.notes,
+            "surface_raw_threshold": None if self.surface_raw_threshold is None else float(self.surface_raw_threshold),
+            "surface_nominal_part_scores": [float(v) for v in self.surface_nominal_part_scores],
+            "surface_channel_scale": [float(v) for v in self.surface_channel_scale],
         }
 
     @classmethod
@@ -256,6 +273,9 @@ class Calibration:
                 map_sigma_px=float(data["map_sigma_px"]),
                 folds=int(data["folds"]),
                 notes=dict(data.get("notes", {})),
+                surface_raw_threshold=None if data.get("surface_raw_threshold") is None else float(data["surface_raw_threshold"]),
+                surface_nominal_part_scores=[float(v) for v in data.get("surface_nominal_part_scores", [])],
+                surface_channel_scale=[float(v) for v in data.get("surface_channel_scale", [1.0, 1.0, 1.0])],
             )
             calibration.validate()
         except (TypeError, ValueError) as e:
@@ -271,6 +291,7 @@ class Recipe:
     model: GaussianModel
     bank: MemoryBank
     calibration: Calibration
+    surface: NominalSurface | None = None
     version: str = ""
     root: Path | None = None
 
@@ -319,7 +340,11 @@ def save_recipe(recipe: Recipe, recipes_dir: str | os.PathLike, overwrite: bool 
         save_ply(recipe.model, tmp / MODEL_FILE)
         recipe.bank.save(tmp / BANK_FILE)
         (tmp / CALIBRATION_FILE).write_text(json.dumps(recipe.calibration.to_json(), indent=1) + "\n", encoding="utf-8")
-        manifest = _manifest_bytes({name: sha256_file(tmp / name) for name in ARTEFACTS})
+        names = list(ARTEFACTS)
+        if recipe.surface is not None:
+            recipe.surface.save(tmp / SURFACE_FILE)
+            names.append(SURFACE_FILE)
+        manifest = _manifest_bytes({name: sha256_file(tmp / name) for name in names})
         (tmp / MANIFEST_FILE).write_bytes(manifest)
         if final.exists():
             old = final.with_name(f".{recipe.name}.old.{os.getpid()}")
@@ -355,10 +380,10 @@ def verify_recipe_files(root: str | os.PathLike) -> str:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise RecipeError(manifest_path, f"format_version is {manifest.get('format_version')!r}, this agent reads {FORMAT_VERSION}")
     missing = [name for name in ARTEFACTS if name not in files]
-    unknown = [name for name in files if name not in ARTEFACTS]
+    unknown = [name for name in files if name not in ARTEFACTS + OPTIONAL_ARTEFACTS]
     if missing or unknown:
-        raise RecipeError(manifest_path, f"must list exactly {list(ARTEFACTS)}; missing {missing}, unexpected {unknown}")
-    for name in ARTEFACTS:
+        raise RecipeError(manifest_path, f"must list {list(ARTEFACTS)} (and optionally {list(OPTIONAL_ARTEFACTS)}); missing {missing}, unexpected {unknown}")
+    for name in files:
         path = root / name
         if not path.is_file():
             raise RecipeError(path, "file listed in the manifest is missing")
@@ -401,7 +426,18 @@ def load_recipe(root: str | os.PathLike) -> Recipe:
         raise RecipeError(root / BANK_FILE, str(e).removeprefix(f"{root / BANK_FILE}: ")) from None
     if bank.metadata.get("backbone") not in (None, settings.backbone):
         raise RecipeError(root / BANK_FILE, f"bank was built with {bank.metadata.get('backbone')!r}, recipe.toml says {settings.backbone!r}")
-    return Recipe(settings, model, bank, calibration, version, root)
+    surface = None
+    listed = SURFACE_FILE in json.loads((root / MANIFEST_FILE).read_bytes())["files"]
+    if (root / SURFACE_FILE).exists() and not listed:
+        raise RecipeError(root / SURFACE_FILE, "file is not listed in the manifest (added after enrollment?)")
+    if listed:
+        try:
+            surface = NominalSurface.load(root / SURFACE_FILE)
+        except (ValueError, OSError) as e:
+            raise RecipeError(root / SURFACE_FILE, str(e)) from None
+    if (surface is None) != (calibration.surface_raw_threshold is None):
+        raise RecipeError(root / CALIBRATION_FILE, "surface_raw_threshold must be set exactly when the recipe has surface.npz")
+    return Recipe(settings, model, bank, calibration, surface, version, root)
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ from enum import Enum
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
-from sqlalchemy.exc import OperationalError
 from rich.table import Table
+from sqlalchemy.exc import OperationalError
 
 from storage.db import DB_URL_ENV, default_db_url, redact, sqlite_path
 from storage.export import EXPORT_FORMATS
@@ -53,8 +54,8 @@ def parse_since(text: str | None, now: float | None = None) -> float | None:
         raise typer.BadParameter(f"{text!r} is not Unix seconds, an ISO 8601 date/time or an age like 30m, 2h, 7d", param_hint="--since") from None
 
 
-def _local(ts: float | None) -> str:
-    return "" if ts is None else datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+def _local(ts: float | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return "" if ts is None else datetime.fromtimestamp(ts).astimezone().strftime(fmt)
 
 
 def _num(value: float | None, fmt: str = ".3f") -> str:
@@ -103,15 +104,25 @@ def list_command(
     filters = _filters(cell, recipe, verdict, state, since, limit)
     with _open(db) as store:
         parts = store.list_parts(filters)
-    table = Table(title=f"{len(parts)} part(s) in {redact(db or default_db_url())}")
-    for name, justify in (("started", "left"), ("cell", "left"), ("part", "left"), ("recipe", "left"), ("state", "left"),
-                          ("verdict", "left"), ("score", "right"), ("defects", "right"), ("views", "right")):
-        table.add_column(name, justify=justify, overflow="fold")
+    # Fits 80 columns: one space between columns and no vertical rules; the part state only where there is no
+    # verdict (a verdict implies it); the start without the year (newest first; `show` has the full date); the
+    # cell in the title when every part listed is of one cell. Long ids fold rather than push the table wider.
+    cells = sorted({p.cell for p in parts})
+    one_cell = len(cells) == 1
+    title = f"{len(parts)} part(s)" + (f" of cell {cells[0]}" if one_cell else "") + f" in {redact(db or default_db_url())}"
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=0)
+    columns = (("started", "left"), ("cell", "left"), ("part", "left"), ("recipe", "left"), ("result", "left"),
+               ("score", "right"), ("defects", "right"), ("views", "right"))  # fmt: skip
+    for name, justify in columns:
+        if name == "cell" and one_cell:
+            continue
+        table.add_column(name, justify=justify, overflow="fold", no_wrap=name not in ("cell", "part", "recipe"))
     style = {"pass": "green", "fail": "bold red", "incomplete": "yellow"}
     for p in parts:
         views = f"{p.views_recorded}" + (f"/{p.expected_views}" if p.expected_views else "")
-        shown = f"[{style[p.verdict]}]{p.verdict}[/]" if p.verdict else ""
-        table.add_row(_local(p.started_ts), p.cell, p.part_id, p.recipe, p.state, shown, _num(p.score), str(p.n_defects) if p.verdict else "", views)
+        shown = f"[{style[p.verdict]}]{p.verdict}[/]" if p.verdict else p.state.replace("_", " ")
+        row = [_local(p.started_ts, "%m-%d %H:%M:%S"), p.cell, p.part_id, p.recipe, shown, _num(p.score), str(p.n_defects) if p.verdict else "", views]
+        table.add_row(*(row[:1] + row[2:] if one_cell else row))
     Console().print(table)
 
 
@@ -141,6 +152,8 @@ def show_command(
     console.print(f"started {_local(part.started_ts)}  finished {_local(part.finished_ts) or '-'}  views {len(part.views)}" + (f"/{part.expected_views}" if part.expected_views else ""))
     if part.meta:
         console.print(f"meta {json.dumps(part.meta)}")
+    if part.incomplete_reason:
+        console.print(f"[yellow]incomplete because[/] {part.incomplete_reason}")
     v = part.verdict
     if v is None:
         console.print("verdict: none yet")

@@ -46,6 +46,7 @@ CSV_COLUMNS = (
     "finalise_ms",
     "verdict_ts",
     "agent_version",
+    "incomplete_reason",
 )
 
 
@@ -86,6 +87,7 @@ def part_row(record: PartRecord) -> dict[str, Any]:
         "finalise_ms": timings.get("finalise"),
         "verdict_ts": v.ts if v else None,
         "agent_version": v.agent_version if v else None,
+        "incomplete_reason": record.incomplete_reason,
     }
 
 
@@ -102,6 +104,7 @@ def part_document(record: PartRecord) -> dict[str, Any]:
         "expected_views": record.expected_views,
         "views_recorded": record.views_recorded,
         "meta": record.meta,
+        "incomplete_reason": record.incomplete_reason,
         "verdict": None if record.verdict is None else {**record.verdict.payload, "stored_ts": record.verdict.created_ts},
     }
     if record.views:

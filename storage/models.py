@@ -57,6 +57,7 @@ class Part(Base):
     finished_ts: Mapped[float | None] = mapped_column(Float)
     expected_views: Mapped[int | None] = mapped_column(Integer)
     meta: Mapped[dict[str, Any]] = mapped_column(JSON)
+    incomplete_reason: Mapped[str | None] = mapped_column(Text)  # why the agent recorded the part incomplete (revision 0002)
 
     views: Mapped[list[View]] = relationship(back_populates="part", cascade="all, delete-orphan", passive_deletes=True, order_by="View.ts")
     verdict: Mapped[VerdictRow | None] = relationship(back_populates="part", cascade="all, delete-orphan", passive_deletes=True)

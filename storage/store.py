@@ -116,6 +116,7 @@ class PartRecord:
     views_recorded: int
     views: list[ViewRecord] = field(default_factory=list)  # empty when loaded without views
     verdict: VerdictRecord | None = None
+    incomplete_reason: str | None = None  # why the agent recorded the part incomplete, when it said
 
 
 @dataclass(frozen=True)
@@ -338,14 +339,17 @@ class ResultStore:
 
         return self._idempotent(work, exists)
 
-    def record_verdict(self, cell: str, verdict: Verdict, *, created_ts: float | None = None) -> bool:
+    def record_verdict(self, cell: str, verdict: Verdict, *, created_ts: float | None = None, reason: str | None = None) -> bool:
         """Store a part's verdict and finish the part; returns after the commit.
 
         True: stored (publish it now). False: the part already has a verdict; this one is ignored
         (logged), the first one stands. A part that was never started is created from the verdict.
+        ``reason``: why an ``incomplete`` verdict is incomplete (kept on the part; ValueError for other verdicts).
         """
         payload = json.loads(verdict.to_payload())  # validated exactly as it will be published
         created = time.time() if created_ts is None else _finite(created_ts, "created_ts")
+        if reason is not None and verdict.verdict != "incomplete":
+            raise ValueError(f"a reason is kept for incomplete verdicts only; part {verdict.part_id!r} has verdict {verdict.verdict!r}")
 
         def exists(session: Session) -> bool:
             part = self._part(session, cell, verdict.part_id)
@@ -361,6 +365,7 @@ class ResultStore:
                 return False
             part.state = STATE_FOR_VERDICT[verdict.verdict]
             part.finished_ts = verdict.ts
+            part.incomplete_reason = reason
             if part.recipe_version is None:
                 part.recipe_version = verdict.recipe_version
             row = VerdictRow(
@@ -575,6 +580,7 @@ def _part_record(part: Part, *, with_views: bool, views_recorded: int | None = N
         views_recorded=len(views) if views_recorded is None else views_recorded,
         views=views,
         verdict=verdict,
+        incomplete_reason=part.incomplete_reason,
     )
 
 

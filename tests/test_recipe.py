@@ -161,3 +161,50 @@ def test_recipes_cli_list_and_show(saved):
     (root / BANK_FILE).write_bytes(b"x")
     result = runner.invoke(recipes_app, ["show", "bracket", "--recipes-dir", str(root.parent)])
     assert result.exit_code == 1 and "sha256 does not match" in result.output
+
+
+def _with_surface(recipe: Recipe) -> Recipe:
+    from agent.surface import NominalSurface
+
+    rng = np.random.default_rng(1)
+    n = 64
+    normals = rng.normal(size=(n, 3)).astype(np.float32)
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    recipe.surface = NominalSurface(rng.normal(0, 0.05, (n, 3)).astype(np.float32), normals, rng.uniform(0, 1, (n, 3)).astype(np.float32),
+                                    np.full(n, 0.0005, np.float32), np.full(n, 0.08, np.float32), 0.002)  # fmt: skip
+    recipe.calibration.surface_raw_threshold = 2.5
+    recipe.calibration.surface_nominal_part_scores = [1.5, 2.0]
+    return recipe
+
+
+def test_surface_round_trip_and_tampering(tmp_path):
+    from agent.recipe import SURFACE_FILE
+
+    recipe = _with_surface(make_recipe())
+    root = save_recipe(recipe, tmp_path)
+    loaded = load_recipe(root)
+    np.testing.assert_array_equal(loaded.surface.points, recipe.surface.points)
+    assert loaded.calibration.surface_raw_threshold == pytest.approx(2.5)
+    data = bytearray((root / SURFACE_FILE).read_bytes())
+    data[-20] ^= 0xFF
+    (root / SURFACE_FILE).write_bytes(bytes(data))
+    with pytest.raises(RecipeError, match="sha256"):
+        load_recipe(root)
+
+
+def test_surface_file_not_in_the_manifest_is_rejected(saved):
+    from agent.recipe import SURFACE_FILE
+
+    _, root = saved
+    other = save_recipe(_with_surface(make_recipe("other")), root.parent)
+    (root / SURFACE_FILE).write_bytes((other / SURFACE_FILE).read_bytes())
+    with pytest.raises(RecipeError, match="not listed in the manifest"):
+        load_recipe(root)
+
+
+def test_surface_threshold_without_surface_is_rejected(tmp_path):
+    recipe = make_recipe()
+    recipe.calibration.surface_raw_threshold = 2.0
+    root = save_recipe(recipe, tmp_path)
+    with pytest.raises(RecipeError, match="surface_raw_threshold"):
+        load_recipe(root)

@@ -20,13 +20,6 @@ pytestmark = pytest.mark.mqtt
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = ResultStore(f"sqlite:///{tmp_path / 'results.db'}")
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def run_agent(store, tmp_path):
     """run_agent(inspector=..., **config overrides) -> (ServiceThread, Cell, InspectionService)."""
     started: list = []
@@ -184,6 +177,8 @@ def test_part_timeout_and_too_few_views(run_agent, store):
     assert verdicts["p1"].verdict == "pass" and verdicts["p1"].n_views == 2
     assert verdicts["p2"].verdict == "incomplete" and verdicts["p2"].score is None and verdicts["p2"].placement is None
     assert store.get_part("p2", cell=cell.cell).state == "incomplete"
+    assert store.get_part("p2", cell=cell.cell).incomplete_reason == "1 usable views, the recipe needs 2 (timeout)"
+    assert store.get_part("p1", cell=cell.cell).incomplete_reason is None
 
 
 def test_expected_views_finalise_without_part_end(run_agent):

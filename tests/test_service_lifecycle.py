@@ -146,6 +146,7 @@ def test_sigterm_records_parts_in_flight_and_goes_offline(tmp_path):
         assert cell.wait_for("status", lambda s: s.state == "offline")
         with ResultStore(f"sqlite:///{db}") as store:
             assert {p.part_id: p.state for p in store.list_parts(cell=cell_id)} == {"p1": "incomplete", "p2": "incomplete"}
+            assert all(store.get_part(p, cell=cell_id).incomplete_reason.startswith("shutdown") for p in ("p1", "p2"))
             assert any("shutdown" in e.message for e in store.list_errors(cell=cell_id))
     finally:
         if proc.poll() is None:

@@ -272,6 +272,51 @@ def test_incomplete_verdict_and_part_created_from_a_verdict(store):
     assert part.verdict.score is None and part.verdict.placement is None and part.verdict.defects == []
 
 
+def test_incomplete_reason_is_kept_with_the_part(store, tmp_path):
+    add_part(store, "p-short", frames=("0",))
+    reason = "1 usable views, the recipe needs 6 (part_end)"
+    assert store.record_verdict("cell-1", make_verdict(part_id="p-short", verdict="incomplete", n_defects=0), reason=reason)
+    assert store.get_part("p-short").incomplete_reason == reason
+    assert next(store.iter_part_records()).incomplete_reason == reason
+    store.export(tmp_path / "parts.csv", "csv")
+    store.export(tmp_path / "parts.json", "json")
+    with (tmp_path / "parts.csv").open(newline="") as f:
+        assert next(csv.DictReader(f))["incomplete_reason"] == reason
+    assert json.loads((tmp_path / "parts.json").read_text())[0]["incomplete_reason"] == reason
+    add_part(store, "p-ok")
+    with pytest.raises(ValueError, match="incomplete verdicts only"):  # a pass or fail has no such reason
+        store.record_verdict("cell-1", make_verdict(part_id="p-ok", verdict="pass", n_defects=0), reason="why?")
+    assert store.get_part("p-ok").verdict is None and store.get_part("p-ok").state == "in_progress"
+    assert store.record_verdict("cell-1", make_verdict(part_id="p-ok", verdict="pass", n_defects=0))
+    assert store.get_part("p-ok").incomplete_reason is None
+
+
+def test_migration_0002_adds_the_reason_to_existing_parts_and_downgrades(empty_db_url):
+    from alembic import command
+
+    from storage.migrate import alembic_config, current_revision, upgrade_engine
+
+    engine = make_engine(empty_db_url)
+    try:
+        upgrade_engine(engine, "0001")
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO parts (cell, part_id, recipe, state, started_ts, meta) VALUES ('c', 'old', 'stool', 'incomplete', 1.0, '{}')"))
+        upgrade_engine(engine)
+        assert current_revision(engine) == "0002" == head_revision()
+        with ResultStore(engine=engine, migrate=False) as store:
+            old = store.get_part("old")
+            assert (old.state, old.incomplete_reason) == ("incomplete", None)  # rows from before 0002 have no reason
+        with engine.connect() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0001")
+            conn.commit()
+        assert "incomplete_reason" not in {c["name"] for c in inspect(engine).get_columns("parts")}
+        assert current_revision(engine) == "0001"
+    finally:
+        engine.dispose()
+
+
 def test_fail_part(store):
     store.start_part("cell-1", "p-0001", "stool", ts=1000.0)
     assert store.fail_part("cell-1", "p-0001", ts=1010.0)

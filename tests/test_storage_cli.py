@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from agent.contract import ErrorMessage, Placement, Timings, Verdict, VerdictDefect
 from agent.inspection import ViewResult
-from storage import DB_URL_ENV, ResultStore
+from storage import DB_URL_ENV, ResultStore, head_revision
 from storage.cli import parse_since, results_app
 from storage.testing import postgres_unavailable_reason, temporary_database
 
@@ -57,6 +57,30 @@ def test_list(db):
     assert "p-open" in result.output and "p-fail" not in result.output
     result = run("list", "--db", db, "--verdict", "maybe")
     assert result.exit_code == 2 and "--verdict" in result.output
+
+
+def test_list_fits_80_columns(db):
+    result = run("list", "--db", db, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, result.output
+    for part_id in ("p-pass", "p-fail", "p-open"):  # whole: ids are not folded at this width
+        assert any(part_id in line for line in lines), result.output
+    assert "in progress" in result.output  # the state where there is no verdict yet
+    result = run("list", "--db", db, "--cell", "cell-1", env={"COLUMNS": "80"})
+    assert "2 part(s) of cell cell-1" in result.output and "cell-2" not in result.output
+
+
+def test_show_says_why_a_part_is_incomplete(db):
+    with ResultStore(db) as store:
+        store.start_part("cell-1", "p-short", "stool", ts=400.0, expected_views=6)
+        store.record_verdict("cell-1", Verdict("p-short", "stool", "sha256:abc", "incomplete", None, 1.0, [], 1, None, Timings(900.0, 150.0, 0.0), 450.0, "0.1.0"),
+                             reason="1 usable views, the recipe needs 3 (part_end)")  # fmt: skip
+    result = run("show", "p-short", "--db", db)
+    assert result.exit_code == 0, result.output
+    assert "incomplete because 1 usable views, the recipe needs 3 (part_end)" in result.output
+    assert json.loads(run("show", "p-short", "--db", db, "--json").output)["incomplete_reason"] == "1 usable views, the recipe needs 3 (part_end)"
+    assert "incomplete because" not in run("show", "p-fail", "--db", db).output
 
 
 def test_db_url_from_environment(db):
@@ -113,7 +137,7 @@ def test_missing_or_unmigrated_database_is_a_clear_error(tmp_path):
     result = run("list", "--db", f"sqlite:///{empty}")
     assert result.exit_code == 2 and "never migrated" in result.output
     result = run("migrate", "--db", f"sqlite:///{empty}")
-    assert result.exit_code == 0 and "schema revision 0001" in result.output
+    assert result.exit_code == 0 and f"schema revision {head_revision()}" in result.output
     assert run("list", "--db", f"sqlite:///{empty}").exit_code == 0
 
 

@@ -56,20 +56,37 @@ def run_command(
     log_level: str = typer.Option("INFO", "--log-level", help="Python logging level."),
 ) -> None:
     """Serve the configured cells until SIGTERM/SIGINT: frames in over MQTT, verdicts out."""
+    from agent.artifacts import ArtifactWriter
     from agent.service.service import InspectionService, serve
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(config_path)
         factory = load_inspector_factory(inspector_factory, config.recipes_dir)
-    except (ConfigError, ValueError) as e:
+        artifacts = None if config.artifacts_dir is None else ArtifactWriter(config.artifacts_dir)  # [artifacts] dir
+    except (ConfigError, ValueError, OSError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    observers = [artifacts] if artifacts is not None else []
     store = open_store(config)
+    preview = None
     try:
-        service = InspectionService(config, factory, store)
+        if config.preview_port is not None:  # [preview]: live WebRTC view of each cell (agent.preview)
+            from agent.preview.server import LivePreview
+
+            try:
+                preview = LivePreview.start(config, store)
+            except OSError as e:
+                typer.echo(f"error: [preview] cannot serve on {config.preview_host}:{config.preview_port}: {e}", err=True)
+                raise typer.Exit(2) from None
+            observers.append(preview.observer)
+        service = InspectionService(config, factory, store, observers=observers)
         asyncio.run(serve(service))
     finally:
+        if preview is not None:
+            preview.stop()
+        if artifacts is not None:
+            artifacts.close()
         store.close()
 
 

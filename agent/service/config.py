@@ -15,6 +15,8 @@ from typing import Any
 
 from agent.contract import DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_POSE_TOLERANCE_S, ContractError, check_id
 
+DEFAULT_PREVIEW_PORT = 8090  # [preview] port when the table leaves it out
+
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the file and the key."""
@@ -58,6 +60,11 @@ class ServiceConfig:
     workers: int = 1  # threads running PartInspection.add_view / finalise
     shutdown_grace_s: float = 10.0  # on SIGTERM, how long parts in flight may take to finish their queued views
     finalised_memory: int = 10_000  # finalised part ids remembered per cell (redelivered messages are ignored)
+    artifacts_dir: Path | None = None  # per-part files (verdict, anomaly volume, maps, views) under <dir>/<cell>/<part_id>/; None: none
+    preview_host: str = "0.0.0.0"  # live WebRTC preview (agent.preview): off unless [preview] is in the file
+    preview_port: int | None = None  # None: no preview; 0: any free port
+    preview_fps: float = 5.0  # most pictures a second per viewer
+    preview_max_viewers: int = 8  # viewers at once (each costs one VP8 encoder)
 
 
 _SECTIONS: dict[str, dict[str, str]] = {
@@ -71,6 +78,8 @@ _SECTIONS: dict[str, dict[str, str]] = {
     "metrics": {"host": "metrics_host", "port": "metrics_port", "enabled": ""},
     "recipes": {"dir": "recipes_dir"},
     "workers": {"count": "workers", "shutdown_grace_s": "shutdown_grace_s"},
+    "artifacts": {"dir": "artifacts_dir"},
+    "preview": {"enabled": "", "host": "preview_host", "port": "preview_port", "fps": "preview_fps", "max_viewers": "preview_max_viewers"},
 }
 
 
@@ -158,6 +167,11 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Servi
         allowed_dirs.append(p.resolve())
     recipes_dir = _str(values, "", "recipes.dir", None)
     db_url = _str(values, "", "database.url", None)
+    artifacts_dir = _str(values, "", "artifacts.dir", None)
+    preview_enabled = get("preview.enabled", "preview" in raw)  # a [preview] table turns it on unless enabled = false
+    if not isinstance(preview_enabled, bool):
+        raise ConfigError(f"key 'preview.enabled' must be true or false, got {preview_enabled!r}")
+    preview_port = _int(values, "", "preview.port", DEFAULT_PREVIEW_PORT, 0, 65535)
     return ServiceConfig(
         cells=tuple(cells),
         mqtt=mqtt,
@@ -177,6 +191,11 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Servi
         recipes_dir=d.recipes_dir if recipes_dir is None else (base_dir / recipes_dir if not Path(recipes_dir).is_absolute() else Path(recipes_dir)),
         workers=_int(values, "", "workers.count", d.workers, 1, 256),
         shutdown_grace_s=_float(values, "", "workers.shutdown_grace_s", d.shutdown_grace_s, 0.0),
+        artifacts_dir=None if artifacts_dir is None else (base_dir / artifacts_dir if not Path(artifacts_dir).is_absolute() else Path(artifacts_dir)),
+        preview_host=_str(values, "", "preview.host", d.preview_host),
+        preview_port=preview_port if preview_enabled else None,
+        preview_fps=_float(values, "", "preview.fps", d.preview_fps, 0.1),
+        preview_max_viewers=_int(values, "", "preview.max_viewers", d.preview_max_viewers, 1, 64),
     )
 
 

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiomqtt
 import numpy as np
@@ -70,6 +70,40 @@ from agent.service.store import ResultStore
 log = logging.getLogger("agent.service")
 
 InspectorFactory = Callable[[str], Inspector]
+
+
+@dataclass(frozen=True)
+class ViewEvent:
+    """One view of a part was inspected (what an observer sees; the frame's image is the observed RGB)."""
+
+    cell: str
+    part_id: str
+    recipe: str
+    frame: Frame
+    result: ViewResult  # anomaly_map: H x W float32 on the verdict scale (threshold 1.0), when the inspector gives one
+    views_ok: int  # views of this part inspected so far, this one included
+    expected_views: int | None
+
+
+@dataclass(frozen=True)
+class VerdictEvent:
+    """A part's verdict was committed to the store (it is published right after the observers were told)."""
+
+    cell: str
+    verdict: Verdict
+    result: InspectionResult | None  # None when the stored verdict was republished (redelivery)
+
+
+class ServiceObserver(Protocol):
+    """Watches the service from the side (live preview, artifact files). Called on the service's event loop
+    thread: an observer must return at once (hand heavy work to its own thread) and its exceptions are
+    logged and swallowed, so an observer can never slow or stop the inspection."""
+
+    def on_view(self, event: ViewEvent) -> None: ...
+
+    def on_verdict(self, event: VerdictEvent) -> None: ...
+
+
 TICK_S = 0.05  # housekeeping period: pose waits, part timeouts, queue gauges
 _FINISH = object()  # end-of-part marker in a part's view queue
 
@@ -133,6 +167,7 @@ class InspectionService:
         recipe_names: Callable[[], list[str]] | None = None,
         metrics: ServiceMetrics | None = None,
         agent_version: str = __version__,
+        observers: list[ServiceObserver] | None = None,
     ):
         self.config = config
         self.inspector_factory = inspector_factory
@@ -140,6 +175,7 @@ class InspectionService:
         self.recipe_names = recipe_names or (lambda: list_recipes(config.recipes_dir))
         self.metrics = metrics or ServiceMetrics()
         self.agent_version = agent_version
+        self.observers: list[ServiceObserver] = list(observers or [])
         self.cells = {c.id: c for c in config.cells}
         self.metrics_server = None
         self.metrics_port: int | None = None
@@ -574,9 +610,14 @@ class InspectionService:
             self.metrics.views_processed.labels(part.cell, "ok").inc()
             self.metrics.view_latency.labels(part.cell).observe(latency_ms / 1000)
             stored = ViewResult(f.frame_id, float(result.view_score), latency_ms, None, dict(result.timings_ms))
-            await self._store_call(self.store.record_view, cell=part.cell, part_id=part.part_id, view=stored, camera_id=f.camera_id, ts=f.ts, c2w=view.c2w)
+            map_path = None  # where an artifact-writing observer puts the view's anomaly map (deterministic, so known now)
+            if result.anomaly_map is not None:
+                with contextlib.suppress(Exception):  # an observer never stops the inspection
+                    map_path = next((o.anomaly_map_path(part.cell, part.part_id, f.frame_id) for o in self.observers if hasattr(o, "anomaly_map_path")), None)
+            await self._store_call(self.store.record_view, cell=part.cell, part_id=part.part_id, view=stored, camera_id=f.camera_id, ts=f.ts, c2w=view.c2w, anomaly_map_path=map_path)
             progress = Progress(part.part_id, f.frame_id, float(result.view_score), latency_ms, part.views_ok, time.time())
             await self._publish(part.cell, progress)
+            self._notify("on_view", ViewEvent(part.cell, part.part_id, part.inspector.name, frame, result, part.views_ok, part.expected_views))
         part.views_done += 1
         if part.expected_views is not None and part.views_done >= part.expected_views and part.end_reason is None:
             part.end_reason = "expected_views"
@@ -615,7 +656,9 @@ class InspectionService:
             verdict = self._verdict(part, InspectionResult("incomplete", None, 1.0, [], part.views_ok, None, None, 0.0), finalise_ms)
         if reason is None and verdict.verdict == "incomplete":
             reason = f"the inspection found too few usable views ({part.end_reason})"
-        verdict = await self._store_verdict(part.cell, verdict)
+        stored_verdict = await self._store_verdict(part.cell, verdict, reason if verdict.verdict == "incomplete" else None)
+        self._notify("on_verdict", VerdictEvent(part.cell, stored_verdict, result if stored_verdict is verdict else None))
+        verdict = stored_verdict
         if reason is not None and reason.startswith("shutdown"):  # stored and published, so the operator sees why
             err = ContractError("internal", f"part {part.part_id!r} recorded as incomplete: {reason}")
             await self._reject(part.cell, f"inspect/{part.cell}/part/end", b"", err, part_id=part.part_id)
@@ -658,6 +701,14 @@ class InspectionService:
         while len(done) > self.config.finalised_memory:
             done.popitem(last=False)
 
+    def _notify(self, method: str, event: Any) -> None:
+        """Call every observer's ``method``; an observer's failure is logged, never raised."""
+        for observer in self.observers:
+            try:
+                getattr(observer, method)(event)
+            except Exception:
+                log.exception("observer %r failed in %s", observer, method)
+
     # ------------------------------------------------------------------------------------ errors, store
 
     async def _reject(self, cell: str, topic: str, payload: bytes, error: ContractError, *, part_id: str | None = None, kind: str | None = None) -> None:
@@ -686,15 +737,15 @@ class InspectionService:
             log.exception("store call %s failed", getattr(fn, "__name__", fn))
             return default
 
-    async def _store_verdict(self, cell: str, verdict: Verdict) -> Verdict:
-        """Commit the verdict, retrying while the database is unavailable: it is published only after this.
+    async def _store_verdict(self, cell: str, verdict: Verdict, reason: str | None = None) -> Verdict:
+        """Commit the verdict (and why it is incomplete), retrying while the database is unavailable: it is published only after this.
 
         Returns the verdict to publish: the stored one if the part already had a verdict.
         """
         delay = 0.2
         while True:
             try:
-                stored = await self._loop.run_in_executor(self._store_pool, lambda: self.store.record_verdict(cell, verdict))
+                stored = await self._loop.run_in_executor(self._store_pool, lambda: self.store.record_verdict(cell, verdict, reason=reason))
                 if stored is False:
                     record = await self._loop.run_in_executor(self._store_pool, lambda: self.store.get_part(verdict.part_id, cell=cell))
                     log.warning("cell %s part %s already had a verdict; publishing the stored one", cell, verdict.part_id)

@@ -7,6 +7,7 @@ commits before it returns: the service publishes a verdict only after that.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 from agent.contract import ErrorMessage, Verdict
@@ -20,9 +21,9 @@ class ResultStore(Protocol):
         self, cell: str, part_id: str, recipe: str, *, ts: float, expected_views: int | None = None, meta: Mapping[str, Any] | None = None, recipe_version: str | None = None
     ) -> bool: ...
 
-    def record_view(self, cell: str, part_id: str, view: ViewResult, *, camera_id: str, ts: float, c2w: Any) -> bool: ...
+    def record_view(self, cell: str, part_id: str, view: ViewResult, *, camera_id: str, ts: float, c2w: Any, anomaly_map_path: str | Path | None = None) -> bool: ...
 
-    def record_verdict(self, cell: str, verdict: Verdict) -> bool: ...
+    def record_verdict(self, cell: str, verdict: Verdict, *, reason: str | None = None) -> bool: ...  # reason: why it is incomplete
 
     def record_error(self, cell: str, error: ErrorMessage, *, payload: bytes | str | None = None) -> None: ...
 

@@ -255,10 +255,10 @@ def cell_command(
                 f"{played.end_ts - played.start_ts:6.2f} s  -> inspect/{cell}"
             )
             if truth is not None:
-                _append_truth(truth, part_id, product, capture)
+                append_truth(truth, part_id, product, capture)
 
 
-def _append_truth(path: Path, part_id: str, recipe: str, capture: Capture) -> None:
+def append_truth(path: Path, part_id: str, recipe: str, capture: Capture) -> None:
     """One JSON line per part: its id, recipe and ground truth (label, defect blobs in the world frame)."""
     gt = capture.gt
     defects = [{"id": d.id, "type": d.type, "center": [float(v) for v in d.center], "radius_m": float(d.radius_m)} for d in gt.defects]

@@ -1,0 +1,465 @@
+"""The nominal surface of a recipe: the golden part's measured surface, its colour and its nominal tolerances.
+
+The Gaussian reference (:mod:`agent.splat`) is what the inspection renders and what places a part when frames
+carry no depth. Its rendered depth, though, is an alpha-blended expectation over Gaussians a few millimetres wide,
+biased towards the camera at grazing angles by several millimetres: too coarse to find a 1 mm dent. When the cell
+has a depth camera, the golden capture's depth maps give the surface directly. This module keeps that surface as
+points on a grid of ``spacing_m`` (the golden depth maps fused, each point the mean of the samples in its cell,
+then smoothed over its neighbours), with normals, the mean colour seen by the golden views, and two per-point
+tolerances fitted on nominal data only (leave-views-out, :func:`build_nominal_surface`):
+
+``geometry_tol``  metres: how far held-out golden depth samples stray from the surface near this point;
+``colour_tol``    RGB in [0, 1]: how far held-out golden colours stray from the point's colour (texture edges,
+                  view-dependent gloss).
+
+Used at inspection (plain functions, no I/O):
+
+- :func:`fit_placement` places the part (its offset from the recipe frame) by robust point-to-plane ICP of the
+  observed depth against the surface: on the fixture's degrees of freedom (x, y, turn about z) by default.
+- :func:`surface_residuals` gives, per pixel of a view, the evidence of extra material (a point in front of the
+  surface: burr), of material inside the nominal surface (dent, missing material's cut face) and of a colour that
+  is not the golden part's (stain, scratch), each divided by the point's tolerance: 1 = the worst nominal case.
+  Colours are compared after a shading correction fitted per view and per normal direction, so a light that is
+  brighter or turned a few degrees does not read as a defect.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from agent.capture import Frame
+from agent.geometry import backproject_depth, rotation_about_axis, transform_points
+
+SURFACE_FORMAT = "edge-inspection-agent/nominal-surface"
+SURFACE_VERSION = 1
+NORMAL_NEIGHBOURS = 12
+# Tolerance floors: never trust a point more than this (sensor noise not seen in the golden views, light changes).
+MIN_GEOMETRY_TOL_M = 0.0004
+MIN_COLOUR_TOL = 0.06
+# A surface point seen by fewer golden views than this (e.g. the inside bottom of a vase, seen through its neck from
+# above only) gives no evidence: its position and colour are not known well enough.
+MIN_SUPPORT = 3
+# Normal-direction bins of the shading correction (a 5 x 5 x 5 grid over the unit cube of normal components).
+SHADING_BINS = 5
+CHROMA_SCALE = 3.0  # chromaticity differences (0..1 per component) to roughly RGB units
+BRIGHTNESS_WEIGHT = 0.35
+
+
+@dataclass
+class NominalSurface:
+    """The golden part's surface in the recipe frame (see the module docstring). float32 arrays, N points."""
+
+    points: np.ndarray  # N x 3 metres
+    normals: np.ndarray  # N x 3 unit, pointing out of the part (towards the cameras that saw it)
+    colour: np.ndarray  # N x 3 mean RGB in [0, 1]
+    geometry_tol: np.ndarray  # N metres
+    colour_tol: np.ndarray  # N
+    spacing_m: float
+    support: np.ndarray | None = None  # N: golden views that saw the point's neighbourhood (None: trusted everywhere)
+    _tree: cKDTree | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.points)
+        if self.support is None:
+            self.support = np.full(n, 1000, np.int32)
+        self.support = np.asarray(self.support, dtype=np.int32)
+        if self.support.shape != (n,) or (self.support < 0).any():
+            raise ValueError(f"nominal surface: support must be {n} counts >= 0")
+        for name in ("points", "normals", "colour"):
+            a = getattr(self, name)
+            if a.shape != (n, 3) or not np.isfinite(a).all():
+                raise ValueError(f"nominal surface: {name} must be a finite {n} x 3 array, got shape {a.shape}")
+        for name in ("geometry_tol", "colour_tol"):
+            a = getattr(self, name)
+            if a.shape != (n,) or not np.isfinite(a).all() or (a <= 0).any():
+                raise ValueError(f"nominal surface: {name} must be {n} positive finite values")
+        if n < 16:
+            raise ValueError(f"nominal surface: {n} points is too few (at least 16)")
+        if not (math.isfinite(self.spacing_m) and self.spacing_m > 0):
+            raise ValueError(f"nominal surface: spacing_m must be > 0, got {self.spacing_m}")
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    @property
+    def tree(self) -> cKDTree:
+        if self._tree is None:
+            self._tree = cKDTree(self.points)
+        return self._tree
+
+    def save(self, path: str | Path) -> None:
+        np.savez_compressed(
+            path, format=np.array(SURFACE_FORMAT), version=np.array(SURFACE_VERSION), points=self.points, normals=self.normals,
+            colour=self.colour, geometry_tol=self.geometry_tol, colour_tol=self.colour_tol, spacing_m=np.array(self.spacing_m),
+            support=self.support,
+        )  # fmt: skip
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NominalSurface":
+        """Read a surface written by :meth:`save` (no pickle); ValueError names what is wrong."""
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("format", "version", "points", "normals", "colour", "geometry_tol", "colour_tol", "spacing_m") if k not in z]
+            if missing:
+                raise ValueError(f"not a nominal surface file: missing {', '.join(missing)}")
+            if str(z["format"]) != SURFACE_FORMAT or int(z["version"]) != SURFACE_VERSION:
+                raise ValueError(f"unsupported nominal surface format {str(z['format'])!r} version {int(z['version'])}")
+            arrays = {k: np.asarray(z[k], dtype=np.float32) for k in ("points", "normals", "colour", "geometry_tol", "colour_tol")}
+            support = np.asarray(z["support"], dtype=np.int32) if "support" in z else None
+            return cls(**arrays, spacing_m=float(z["spacing_m"]), support=support)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+@dataclass
+class _Samples:
+    points: np.ndarray  # M x 3 world
+    colours: np.ndarray  # M x 3 in [0, 1]
+    view: np.ndarray  # M int
+
+
+def _samples(frames: list[Frame]) -> _Samples:
+    pts, cols, views = [], [], []
+    for i, f in enumerate(frames):
+        if f.depth is None or f.c2w is None:
+            continue
+        p, flat = backproject_depth(f.depth, f.c2w, f.intrinsics)
+        pts.append(p)
+        cols.append(np.asarray(f.image).reshape(-1, 3)[flat].astype(np.float32) / 255.0)
+        views.append(np.full(len(p), i, dtype=np.int32))
+    if not pts:
+        raise ValueError("the nominal surface needs posed frames with depth")
+    return _Samples(np.concatenate(pts), np.concatenate(cols), np.concatenate(views))
+
+
+def _grid_points(samples: _Samples, spacing: float, cameras: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean sample per grid cell, smoothed over neighbours; PCA normals oriented towards a camera that saw them;
+    support = the most distinct views that saw any cell among the neighbours."""
+    key = np.floor(samples.points / spacing).astype(np.int64)
+    _, inv = np.unique(key, axis=0, return_inverse=True)
+    inv = inv.ravel()
+    n = int(inv.max()) + 1
+    count = np.bincount(inv, minlength=n).astype(np.float64)
+    cells = np.stack([np.bincount(inv, samples.points[:, k], n) for k in range(3)], 1) / count[:, None]
+    tree = cKDTree(cells)
+    _, nn = tree.query(cells, k=min(NORMAL_NEIGHBOURS, n))
+    nb = cells[nn]
+    centre = nb.mean(axis=1)
+    d = nb - centre[:, None]
+    _, vecs = np.linalg.eigh(np.einsum("nki,nkj->nij", d, d))
+    normals = vecs[:, :, 0]
+    seen_from = np.zeros(n, dtype=np.int64)
+    seen_from[inv] = samples.view
+    flip = np.einsum("ij,ij->i", normals, cameras[seen_from] - centre) < 0
+    normals[flip] *= -1
+    pairs = np.unique(inv.astype(np.int64) * (int(samples.view.max()) + 1) + samples.view)
+    views_per_cell = np.bincount(pairs // (int(samples.view.max()) + 1), minlength=n)
+    return centre, normals, views_per_cell[nn].max(axis=1)
+
+
+def _colour_mean(points: np.ndarray, samples: _Samples, radius: float) -> np.ndarray:
+    """Mean colour of the samples within ``radius`` of each point (every view that saw it)."""
+    tree = cKDTree(samples.points)
+    d, j = tree.query(points, k=8, distance_upper_bound=radius)
+    ok = np.isfinite(d)
+    w = ok.astype(np.float64)
+    cols = samples.colours[np.where(ok, j, 0)]
+    mean = (cols * w[..., None]).sum(1) / np.maximum(w.sum(1), 1)[:, None]
+    no = w.sum(1) == 0
+    if no.any():  # nearest sample whatever its distance
+        _, j1 = tree.query(points[no])
+        mean[no] = samples.colours[j1]
+    return mean
+
+
+def build_nominal_surface(frames: list[Frame], spacing_m: float, folds: int = 3, tolerance_quantile: float = 1.0) -> NominalSurface:
+    """Fuse posed golden frames with depth into a :class:`NominalSurface` in the world (= recipe) frame.
+
+    Tolerances, nominal data only: the frames are split into ``folds``; a surface is built from the other folds
+    and every held-out depth sample's residuals (distance along the normal, colour after the shading correction)
+    are gathered on its nearest point; a point's tolerance is the ``tolerance_quantile`` of what it gathered,
+    taken as the maximum over its neighbours (a point seen by few held-out samples borrows from around it), and
+    at least the floors :data:`MIN_GEOMETRY_TOL_M` / :data:`MIN_COLOUR_TOL`.
+    """
+    frames = [f for f in frames if f.depth is not None and f.c2w is not None]
+    if len(frames) < 2:
+        raise ValueError("the nominal surface needs at least 2 posed frames with depth")
+    cameras = np.stack([np.asarray(f.c2w)[:3, 3] for f in frames])
+    samples = _samples(frames)
+    points, normals, support = _grid_points(samples, spacing_m, cameras)
+    colour = _colour_mean(points, samples, 1.5 * spacing_m)
+    geo_res = np.zeros(len(points))
+    col_res = np.zeros(len(points))
+    folds = max(2, min(folds, len(frames)))
+    full_tree = cKDTree(points)
+    for fold in range(folds):
+        held = [f for i, f in enumerate(frames) if i % folds == fold]
+        kept_idx = [i for i in range(len(frames)) if i % folds != fold]
+        kept = _Samples(*(a[np.isin(samples.view, kept_idx)] for a in (samples.points, samples.colours, samples.view)))
+        p_fold, n_fold, s_fold = _grid_points(kept, spacing_m, cameras)
+        c_fold = _colour_mean(p_fold, kept, 1.5 * spacing_m)
+        ones = np.ones(len(p_fold), np.float32)
+        fold_surface = NominalSurface(p_fold.astype(np.float32), n_fold.astype(np.float32), c_fold.astype(np.float32), ones, ones, spacing_m, s_fold)
+        for f in held:
+            res = _raw_residuals(fold_surface, f, np.eye(4))
+            if res is None:
+                continue
+            j = full_tree.query(res.points_part)[1]  # gathered on the full surface's nearest point
+            np.maximum.at(geo_res, j, np.maximum(res.extra, res.inside))
+            np.maximum.at(col_res, j, res.colour)
+    _, nn = full_tree.query(points, k=min(NORMAL_NEIGHBOURS, len(points)))
+    geometry_tol = np.maximum(geo_res[nn].max(axis=1), MIN_GEOMETRY_TOL_M)
+    colour_tol = np.maximum(col_res[nn].max(axis=1), MIN_COLOUR_TOL)
+    return NominalSurface(
+        points.astype(np.float32), normals.astype(np.float32), colour.astype(np.float32),
+        geometry_tol.astype(np.float32), colour_tol.astype(np.float32), float(spacing_m), support,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspection
+
+
+@dataclass
+class _Raw:
+    flat: np.ndarray  # M pixel indices with depth
+    points_part: np.ndarray  # M x 3 in the recipe frame
+    nearest: np.ndarray  # M surface point indices
+    extra: np.ndarray  # M metres in front of the surface (or away from it sideways)
+    inside: np.ndarray  # M metres behind the surface
+    colour: np.ndarray  # M colour residual (max over RGB) after the shading correction
+    matched: np.ndarray  # M bool: on the surface (within 2 spacings)
+
+
+def _shading_correction(normals: np.ndarray, observed: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per-sample RGB gain: the median observed / reference ratio of the samples whose normal falls in the same
+    bin (light direction and intensity changes scale each surface orientation differently)."""
+    ratio = observed / np.maximum(reference, 0.02)
+    good = (reference > 0.04).all(axis=1)
+    global_gain = np.median(ratio[good], axis=0) if good.sum() >= 16 else np.ones(3)
+    b = np.clip(((normals + 1.0) * 0.5 * SHADING_BINS).astype(np.int64), 0, SHADING_BINS - 1)
+    key = (b[:, 0] * SHADING_BINS + b[:, 1]) * SHADING_BINS + b[:, 2]
+    gain = np.tile(global_gain, (len(key), 1))
+    for k in np.unique(key[good]):
+        sel = good & (key == k)
+        if sel.sum() >= 32:
+            gain[key == k] = np.median(ratio[sel], axis=0)
+    return np.clip(gain, 0.5, 2.0)
+
+
+def colour_difference(observed: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Colour residual of N RGB pairs in [0, 1]: the chromaticity difference (hue and saturation, what a stain or a
+    scratch changes) in full, the relative brightness difference at :data:`BRIGHTNESS_WEIGHT` (a shadow moved by a
+    turned light changes brightness, not chromaticity)."""
+    so = observed.sum(axis=1, keepdims=True)
+    sr = reference.sum(axis=1, keepdims=True)
+    chroma = np.abs(observed / np.maximum(so, 0.03) - reference / np.maximum(sr, 0.03)).max(axis=1) * CHROMA_SCALE
+    brightness = np.abs(so[:, 0] - sr[:, 0]) / np.maximum(sr[:, 0], 0.1) * BRIGHTNESS_WEIGHT
+    return np.maximum(chroma, brightness)
+
+
+def _raw_residuals(surface: NominalSurface, frame: Frame, T_world_part: np.ndarray) -> _Raw | None:
+    if frame.depth is None or frame.c2w is None:
+        return None
+    pw, flat = backproject_depth(frame.depth, frame.c2w, frame.intrinsics)
+    if len(pw) == 0:
+        return None
+    T_part_world = np.linalg.inv(np.asarray(T_world_part, dtype=np.float64))
+    q = transform_points(T_part_world, pw)
+    camera = transform_points(T_part_world, np.asarray(frame.c2w, dtype=np.float64)[None, :3, 3])[0]
+    dist, j = surface.tree.query(q)
+    n = surface.normals[j].astype(np.float64)
+    signed = np.einsum("ij,ij->i", n, q - surface.points[j])
+    lateral = np.sqrt(np.maximum(dist**2 - signed**2, 0.0))
+    near = lateral <= 2.0 * surface.spacing_m
+    trusted = surface.support[j] >= MIN_SUPPORT  # too few golden views saw it: no evidence either way
+    matched = near & trusted
+    # Off the surface sideways: extra material when the surface nearest to it is well known (a burr on a face),
+    # nothing when it is not (a region the golden views barely saw).
+    extra = np.where(matched, np.maximum(signed, 0.0), np.where(near | ~trusted, 0.0, dist))
+    # Behind the surface counts only where that surface faces the camera: the camera looked through where the
+    # surface should be. Behind a surface facing away it saw a region no golden view covered (a vessel's inner wall).
+    facing = np.einsum("ij,ij->i", n, camera[None, :] - q) > 0
+    inside = np.where(matched & facing, np.maximum(-signed, 0.0), 0.0)
+    observed = np.asarray(frame.image).reshape(-1, 3)[flat].astype(np.float64) / 255.0
+    reference = surface.colour[j].astype(np.float64)
+    n_world = n @ np.asarray(T_world_part, dtype=np.float64)[:3, :3].T
+    gain = _shading_correction(n_world[matched], observed[matched], reference[matched]) if matched.sum() >= 16 else np.ones((int(matched.sum()), 3))
+    colour = np.zeros(len(flat))
+    colour[matched] = colour_difference(observed[matched], gain * reference[matched])
+    return _Raw(flat, q, j, extra, inside, colour, matched)
+
+
+@dataclass
+class SurfaceResiduals:
+    """Per-pixel evidence of one view (H x W float32, 0 where the camera saw no part), in tolerance units."""
+
+    extra: np.ndarray  # material in front of / beside the nominal surface
+    inside: np.ndarray  # material missing: observed surface behind the nominal one
+    colour: np.ndarray  # colour unlike the golden part's
+    observed: np.ndarray  # H x W bool: pixels with depth
+
+
+def surface_residuals(surface: NominalSurface, frame: Frame, T_world_part: np.ndarray) -> SurfaceResiduals:
+    """The three evidence maps of one posed view with depth (see the module docstring)."""
+    H, W = frame.intrinsics.height, frame.intrinsics.width
+    maps = [np.zeros(H * W, np.float32) for _ in range(3)]
+    raw = _raw_residuals(surface, frame, T_world_part)
+    observed = np.zeros(H * W, bool)
+    if raw is not None:
+        gtol = surface.geometry_tol[raw.nearest]
+        maps[0][raw.flat] = raw.extra / gtol
+        maps[1][raw.flat] = raw.inside / gtol
+        maps[2][raw.flat] = raw.colour / surface.colour_tol[raw.nearest]
+        observed[raw.flat] = True
+    extra, inside, colour = (m.reshape(H, W) for m in maps)
+    return SurfaceResiduals(extra, inside, colour, observed.reshape(H, W))
+
+
+@dataclass
+class PlacementFit:
+    T_world_part: np.ndarray  # 4 x 4
+    residual_m: float  # robust scale of the point-to-plane residuals (divided by the share of samples on the surface)
+    inliers: int
+    iterations: int
+
+
+def _icp(
+    surface: NominalSurface, obs: np.ndarray, T: np.ndarray, dof: str, iterations: int, max_distance_m: float
+) -> tuple[np.ndarray, float, int, int]:
+    """Robust point-to-plane ICP from ``T`` (world -> recipe). Returns (T, robust residual scale, inliers, iterations)."""
+    scale, inl, it = float("inf"), 0, 0
+    for it in range(1, iterations + 1):
+        q = transform_points(T, obs)
+        dist, j = surface.tree.query(q, distance_upper_bound=max_distance_m)
+        ok = np.isfinite(dist)
+        if ok.sum() < 50:
+            return T, float("inf"), int(ok.sum()), it
+        q, g, n = q[ok], surface.points[j[ok]].astype(np.float64), surface.normals[j[ok]].astype(np.float64)
+        r = np.einsum("ij,ij->i", n, q - g)
+        s = 1.4826 * np.median(np.abs(r)) + 1e-6
+        w = 1.0 / (1.0 + (r / (2.0 * s)) ** 2)
+        if dof == "planar":
+            J = np.stack([n[:, 0], n[:, 1], n[:, 1] * q[:, 0] - n[:, 0] * q[:, 1]], axis=1)
+        elif dof == "translation":  # x, y only (after the turn was fixed)
+            J = n[:, :2]
+        else:
+            J = np.concatenate([n, np.cross(q, n)], axis=1)
+        x = np.linalg.solve(J.T @ (J * w[:, None]) + 1e-9 * np.eye(J.shape[1]), -J.T @ (r * w))
+        dT = np.eye(4)
+        if dof == "planar":
+            dT[:3, :3] = rotation_about_axis(np.array([0.0, 0.0, 1.0]), x[2])
+            dT[:2, 3] = x[:2]
+        elif dof == "translation":
+            dT[:2, 3] = x[:2]
+        else:
+            angle = float(np.linalg.norm(x[3:]))
+            if angle > 0:
+                dT[:3, :3] = rotation_about_axis(x[3:] / angle, angle)
+            dT[:3, 3] = x[:3]
+        T = dT @ T
+        # the score of a hypothesis: robust scale of the residuals, penalised by the share of samples off the surface
+        scale, inl = s / max(ok.mean(), 1e-3), int(ok.sum())
+        if np.abs(x).max() < 1e-7:
+            break
+    return T, scale, inl, it
+
+
+def fit_placement(
+    surface: NominalSurface,
+    frames: list[Frame],
+    init: np.ndarray | None = None,
+    dof: str = "planar",
+    search_mm: float = 3.0,
+    search_deg: float = 3.0,
+    max_points: int = 5000,
+    seed: int = 0,
+) -> PlacementFit:
+    """The part's placement ``T_world_part`` (recipe frame -> world) by robust point-to-plane ICP of the frames'
+    observed depth against the nominal surface. ``dof="planar"``: x, y and the turn about the world z axis (a part
+    on the fixture); ``"full"``: all six.
+
+    ICP finds the nearest minimum; small parts with repeated features have several within the fixture's play. So a
+    coarse stage starts from ``init`` and from offsets of +-``search_mm`` in x and y and +-``search_deg`` about z
+    (15 starts, 1000 samples each; both 0: ``init`` only, to refine a previous estimate), keeps the start whose residuals are smallest, and refines it with up to
+    ``max_points`` samples. Raises ValueError when the frames have too little depth on the part."""
+    if dof not in ("planar", "full"):
+        raise ValueError(f"dof must be 'planar' or 'full', got {dof!r}")
+    pts, cols = [], []
+    for f in frames:
+        if f.depth is not None and f.c2w is not None:
+            p, flat = backproject_depth(f.depth, f.c2w, f.intrinsics)
+            pts.append(p)
+            cols.append(np.asarray(f.image).reshape(-1, 3)[flat].astype(np.float64) / 255.0)
+    obs = np.concatenate(pts) if pts else np.zeros((0, 3))
+    if len(obs) < 100:
+        raise ValueError(f"placement needs depth on the part: {len(obs)} depth samples in {len(frames)} frames")
+    obs_colour = np.concatenate(cols)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(obs), max_points, replace=False) if len(obs) > max_points else np.arange(len(obs))
+    fine, fine_colour = obs[pick], obs_colour[pick]
+    coarse = fine[rng.choice(len(fine), 1000, replace=False)] if len(fine) > 1000 else fine
+    T0 = np.linalg.inv(np.asarray(init, dtype=np.float64)) if init is not None else np.eye(4)  # world -> recipe
+    starts = []
+    centre = np.median(coarse, axis=0)
+    offsets = [(0, 0, 0)] if search_mm == 0 and search_deg == 0 else [(0, 0, 0)] + [(sx * search_mm, sy * search_mm, 0) for sx, sy in ((1, 0), (-1, 0), (0, 1), (0, -1))] + [
+        (sx * search_mm, sy * search_mm, a * search_deg) for a in (-1, 1) for sx, sy in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+    ]  # fmt: skip
+    for dx, dy, dz_deg in offsets:
+        d = np.eye(4)
+        d[:3, :3] = rotation_about_axis(np.array([0.0, 0.0, 1.0]), math.radians(dz_deg))
+        d[:3, 3] = centre - d[:3, :3] @ centre + np.array([dx, dy, 0.0]) / 1000.0
+        starts.append(T0 @ d)
+    far = max(0.01, 3.0 * search_mm / 1000.0)
+    best = min((_icp(surface, coarse, T, dof, 10, far) for T in starts), key=lambda r: r[1])
+    if not math.isfinite(best[1]):
+        raise ValueError(f"placement failed: too few depth samples within {far * 1000:.0f} mm of the nominal surface")
+    near = 4.0 * surface.spacing_m + 0.002
+    T, scale, inl, it = _icp(surface, fine, best[0], dof, 20, near)
+    if not math.isfinite(scale):
+        raise ValueError("placement failed: the refined placement lost the nominal surface")
+    if dof == "planar":
+        T = _colour_turn(surface, fine, fine_colour, T, search_deg + 0.5, near)
+        T, scale, inl, it2 = _icp(surface, fine, T, "translation", 10, near)
+        it += it2
+    return PlacementFit(np.linalg.inv(T), float(scale), inl, it)
+
+
+def _colour_turn(surface: NominalSurface, obs: np.ndarray, colour: np.ndarray, T: np.ndarray, range_deg: float, near: float) -> np.ndarray:
+    """Refine the turn about the part's vertical axis (through the nominal surface's centre, in the recipe frame) by a
+    scan of the joint geometric and chromaticity cost (0.5 deg steps over +-``range_deg``, then 0.1 and 0.04 deg steps).
+    Geometry alone cannot fix the turn of a part that is symmetric about that axis (a vase); its painted pattern can."""
+    pick = np.linspace(0, len(obs) - 1, min(len(obs), 2000)).astype(np.int64)
+    obs, colour = obs[pick], colour[pick]
+    chroma = colour / np.maximum(colour.sum(axis=1, keepdims=True), 0.03)
+    centre = np.median(surface.points, axis=0).astype(np.float64)
+
+    def turned(deg: float) -> np.ndarray:
+        d = np.eye(4)
+        d[:3, :3] = rotation_about_axis(np.array([0.0, 0.0, 1.0]), math.radians(deg))
+        d[:3, 3] = centre - d[:3, :3] @ centre
+        return d @ T
+
+    def cost(deg: float) -> float:
+        q = transform_points(turned(deg), obs)
+        dist, j = surface.tree.query(q, distance_upper_bound=near)
+        ok = np.isfinite(dist)
+        if ok.sum() < 50:
+            return float("inf")
+        jj = j[ok]
+        geo = np.abs(np.einsum("ij,ij->i", surface.normals[jj], q[ok] - surface.points[jj])) / surface.geometry_tol[jj]
+        ref = surface.colour[jj].astype(np.float64)
+        ref_chroma = ref / np.maximum(ref.sum(axis=1, keepdims=True), 0.03)
+        col = np.abs(chroma[ok] - ref_chroma).max(axis=1) * CHROMA_SCALE / surface.colour_tol[jj]
+        return float(np.mean(np.minimum(geo, 3.0)) + np.mean(np.minimum(col, 3.0))) / max(ok.mean(), 1e-3)
+
+    best = min(np.arange(-range_deg, range_deg + 1e-9, 0.5), key=cost)
+    best = min(np.arange(best - 0.4, best + 0.4 + 1e-9, 0.1), key=cost)
+    best = min(np.arange(best - 0.08, best + 0.08 + 1e-9, 0.04), key=cost)
+    return turned(float(best))
