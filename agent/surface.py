@@ -46,6 +46,7 @@ MIN_COLOUR_TOL = 0.06
 MIN_SUPPORT = 3
 # Normal-direction bins of the shading correction (a 5 x 5 x 5 grid over the unit cube of normal components).
 SHADING_BINS = 5
+ENCLOSURE_RADIUS_SPACINGS = 25.0
 CHROMA_SCALE = 3.0  # chromaticity differences (0..1 per component) to roughly RGB units
 BRIGHTNESS_WEIGHT = 0.35
 
@@ -62,6 +63,7 @@ class NominalSurface:
     spacing_m: float
     support: np.ndarray | None = None  # N: golden views that saw the point's neighbourhood (None: trusted everywhere)
     _tree: cKDTree | None = field(default=None, repr=False, compare=False)
+    _enclosure: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.points)
@@ -91,6 +93,23 @@ class NominalSurface:
         if self._tree is None:
             self._tree = cKDTree(self.points)
         return self._tree
+
+    @property
+    def enclosure(self) -> np.ndarray:
+        """N in [0, 1]: how enclosed each point is by other parts of the surface (computed once): the share of 32
+        nearby points of a sparse subsample (up to ``ENCLOSURE_RADIUS_SPACINGS`` spacings away) that stand more than
+        two spacings above the point's tangent plane. High at a leg-rung joint or inside a bend, where a turned
+        light moves cast shadows; 0 on an open face."""
+        if self._enclosure is None:
+            step = max(1, len(self.points) // 5000)
+            sub = self.points[::step].astype(np.float64)
+            k = min(32, len(sub))
+            d, j = cKDTree(sub).query(self.points, k=k)
+            rel = sub[j] - self.points[:, None, :].astype(np.float64)
+            above = np.einsum("nkj,nj->nk", rel, self.normals.astype(np.float64)) > 2.0 * self.spacing_m
+            near = d < ENCLOSURE_RADIUS_SPACINGS * self.spacing_m
+            self._enclosure = ((above & near).sum(axis=1) / k).astype(np.float32)
+        return self._enclosure
 
     def save(self, path: str | Path) -> None:
         np.savez_compressed(
@@ -253,14 +272,16 @@ def _shading_correction(normals: np.ndarray, observed: np.ndarray, reference: np
     return np.clip(gain, 0.5, 2.0)
 
 
-def colour_difference(observed: np.ndarray, reference: np.ndarray) -> np.ndarray:
+def colour_difference(observed: np.ndarray, reference: np.ndarray, enclosure: np.ndarray | None = None) -> np.ndarray:
     """Colour residual of N RGB pairs in [0, 1]: the chromaticity difference (hue and saturation, what a stain or a
     scratch changes) in full, the relative brightness difference at :data:`BRIGHTNESS_WEIGHT` (a shadow moved by a
-    turned light changes brightness, not chromaticity)."""
+    turned light changes brightness, not chromaticity), less where the surface is enclosed (``enclosure``, see
+    :attr:`NominalSurface.enclosure`: cast shadows fall there)."""
     so = observed.sum(axis=1, keepdims=True)
     sr = reference.sum(axis=1, keepdims=True)
     chroma = np.abs(observed / np.maximum(so, 0.03) - reference / np.maximum(sr, 0.03)).max(axis=1) * CHROMA_SCALE
-    brightness = np.abs(so[:, 0] - sr[:, 0]) / np.maximum(sr[:, 0], 0.1) * BRIGHTNESS_WEIGHT
+    weight = BRIGHTNESS_WEIGHT if enclosure is None else BRIGHTNESS_WEIGHT * np.clip(1.0 - 3.0 * enclosure, 0.0, 1.0)
+    brightness = np.abs(so[:, 0] - sr[:, 0]) / np.maximum(sr[:, 0], 0.1) * weight
     return np.maximum(chroma, brightness)
 
 
@@ -292,7 +313,7 @@ def _raw_residuals(surface: NominalSurface, frame: Frame, T_world_part: np.ndarr
     n_world = n @ np.asarray(T_world_part, dtype=np.float64)[:3, :3].T
     gain = _shading_correction(n_world[matched], observed[matched], reference[matched]) if matched.sum() >= 16 else np.ones((int(matched.sum()), 3))
     colour = np.zeros(len(flat))
-    colour[matched] = colour_difference(observed[matched], gain * reference[matched])
+    colour[matched] = colour_difference(observed[matched], gain * reference[matched], surface.enclosure[j[matched]])
     return _Raw(flat, q, j, extra, inside, colour, matched)
 
 
