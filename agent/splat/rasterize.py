@@ -29,10 +29,16 @@ SH_C0 = 0.28209479177387814  # degree-0 SH basis: rgb = SH_C0 * dc + 0.5
 
 @dataclass(frozen=True)
 class RasterConfig:
-    """Rasterizer options (gsplat's defaults). ``radius_clip``: skip Gaussians whose 2D radius is <= this (px)."""
+    """Rasterizer options (gsplat's defaults but ``eps2d``). ``radius_clip``: skip Gaussians whose 2D radius is <= this (px).
+
+    ``eps2d`` (px^2) is added to every projected covariance: the pixel's own low-pass. A pixel that averages
+    its area (a 2x2-supersampled render, a camera) has a variance of about 1/12 px^2, so 0.1 (Mip-Splatting's
+    2D filter) rather than gsplat's 0.3, which blurs pixel-sized texture: on the simulator's speckled vase
+    held-out SSIM rose from 0.9429 to 0.9471 (1000 training steps). Train and render with the same value.
+    """
 
     tile_size: int = 16
-    eps2d: float = 0.3
+    eps2d: float = 0.1
     radius_clip: float = 0.0
 
 
