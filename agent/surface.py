@@ -216,7 +216,7 @@ def build_nominal_surface(frames: list[Frame], spacing_m: float, folds: int = 3,
     geo_res = np.zeros(len(points))
     col_res = np.zeros(len(points))
     folds = max(2, min(folds, len(frames)))
-    full_tree = cKDTree(points)
+    full_tree = cKDTree(points.astype(np.float32))  # the same tree the final surface queries
     for fold in range(folds):
         held = [f for i, f in enumerate(frames) if i % folds == fold]
         kept_idx = [i for i in range(len(frames)) if i % folds != fold]
@@ -237,7 +237,7 @@ def build_nominal_surface(frames: list[Frame], spacing_m: float, folds: int = 3,
     colour_tol = np.maximum(col_res[nn].max(axis=1), MIN_COLOUR_TOL)
     return NominalSurface(
         points.astype(np.float32), normals.astype(np.float32), colour.astype(np.float32),
-        geometry_tol.astype(np.float32), colour_tol.astype(np.float32), float(spacing_m), support,
+        geometry_tol.astype(np.float32), colour_tol.astype(np.float32), float(spacing_m), support, _tree=full_tree,
     )  # fmt: skip
 
 
@@ -272,6 +272,11 @@ def _shading_correction(normals: np.ndarray, observed: np.ndarray, reference: np
     return np.clip(gain, 0.5, 2.0)
 
 
+def chromaticity(rgb: np.ndarray) -> np.ndarray:
+    """N x 3 RGB in [0, 1] -> N x 3 chromaticity (each colour divided by its sum; near-black kept finite)."""
+    return rgb / np.maximum(rgb.sum(axis=1, keepdims=True), 0.03)
+
+
 def colour_difference(observed: np.ndarray, reference: np.ndarray, enclosure: np.ndarray | None = None) -> np.ndarray:
     """Colour residual of N RGB pairs in [0, 1]: the chromaticity difference (hue and saturation, what a stain or a
     scratch changes) in full, the relative brightness difference at :data:`BRIGHTNESS_WEIGHT` (a shadow moved by a
@@ -279,7 +284,7 @@ def colour_difference(observed: np.ndarray, reference: np.ndarray, enclosure: np
     :attr:`NominalSurface.enclosure`: cast shadows fall there)."""
     so = observed.sum(axis=1, keepdims=True)
     sr = reference.sum(axis=1, keepdims=True)
-    chroma = np.abs(observed / np.maximum(so, 0.03) - reference / np.maximum(sr, 0.03)).max(axis=1) * CHROMA_SCALE
+    chroma = np.abs(chromaticity(observed) - chromaticity(reference)).max(axis=1) * CHROMA_SCALE
     weight = BRIGHTNESS_WEIGHT if enclosure is None else BRIGHTNESS_WEIGHT * np.clip(1.0 - 3.0 * enclosure, 0.0, 1.0)
     brightness = np.abs(so[:, 0] - sr[:, 0]) / np.maximum(sr[:, 0], 0.1) * weight
     return np.maximum(chroma, brightness)
@@ -458,7 +463,7 @@ def _colour_turn(surface: NominalSurface, obs: np.ndarray, colour: np.ndarray, T
     Geometry alone cannot fix the turn of a part that is symmetric about that axis (a vase); its painted pattern can."""
     pick = np.linspace(0, len(obs) - 1, min(len(obs), 2000)).astype(np.int64)
     obs, colour = obs[pick], colour[pick]
-    chroma = colour / np.maximum(colour.sum(axis=1, keepdims=True), 0.03)
+    chroma = chromaticity(colour)
     centre = np.median(surface.points, axis=0).astype(np.float64)
 
     def turned(deg: float) -> np.ndarray:
@@ -475,9 +480,7 @@ def _colour_turn(surface: NominalSurface, obs: np.ndarray, colour: np.ndarray, T
             return float("inf")
         jj = j[ok]
         geo = np.abs(np.einsum("ij,ij->i", surface.normals[jj], q[ok] - surface.points[jj])) / surface.geometry_tol[jj]
-        ref = surface.colour[jj].astype(np.float64)
-        ref_chroma = ref / np.maximum(ref.sum(axis=1, keepdims=True), 0.03)
-        col = np.abs(chroma[ok] - ref_chroma).max(axis=1) * CHROMA_SCALE / surface.colour_tol[jj]
+        col = np.abs(chroma[ok] - chromaticity(surface.colour[jj].astype(np.float64))).max(axis=1) * CHROMA_SCALE / surface.colour_tol[jj]
         return float(np.mean(np.minimum(geo, 3.0)) + np.mean(np.minimum(col, 3.0))) / max(ok.mean(), 1e-3)
 
     best = min(np.arange(-range_deg, range_deg + 1e-9, 0.5), key=cost)
