@@ -324,17 +324,18 @@ def build_surface(
     n = len(frames)
     folds = min(config.surface_folds, n)
     maps: list[np.ndarray] = [None] * n  # type: ignore[list-item]
+    progress("surface: leave-views-out", 0, folds + 1)
+    surface = build_nominal_surface(frames, spacing, folds=config.folds)
     for fold in range(folds):
-        progress("surface: leave-views-out", fold, folds + 1)
+        progress("surface: leave-views-out", fold + 1, folds + 1)
         held = list(range(fold, n, folds))
         fold_surface = build_nominal_surface([frames[i] for i in range(n) if i % folds != fold], spacing, folds=config.folds)
         for i in held:
             maps[i] = anomaly.surface_channel_maps(fold_surface, frames[i], np.eye(4))
-    progress("surface: leave-views-out", folds, folds + 1)
-    surface = build_nominal_surface(frames, spacing, folds=config.folds)
     progress("surface: leave-views-out", folds + 1, folds + 1)
     # each channel's typical peak on a held-out view (the median of the per-view maxima), so no channel dominates
-    channel_scale = [max(float(np.median([m[c].max() for m in maps])), 0.1) for c in range(3)]
+    floors = (0.1, 0.1, anomaly.COLOUR_SCALE_FLOOR)
+    channel_scale = [max(float(np.median([m[c].max() for m in maps])), floors[c]) for c in range(3)]
     combined = [anomaly.combine_surface_channels(m, channel_scale) for m in maps]
     scores = []
     k = min(expected, n)

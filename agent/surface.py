@@ -17,10 +17,12 @@ Used at inspection (plain functions, no I/O):
 - :func:`fit_placement` places the part (its offset from the recipe frame) by robust point-to-plane ICP of the
   observed depth against the surface: on the fixture's degrees of freedom (x, y, turn about z) by default.
 - :func:`surface_residuals` gives, per pixel of a view, the evidence of extra material (a point in front of the
-  surface: burr), of material inside the nominal surface (dent, missing material's cut face) and of a colour that
-  is not the golden part's (stain, scratch), each divided by the point's tolerance: 1 = the worst nominal case.
-  Colours are compared after a shading correction fitted per view and per normal direction, so a light that is
-  brighter or turned a few degrees does not read as a defect.
+  surface: burr) and of material inside the nominal surface (dent, missing material's cut face), each divided by
+  the point's tolerance (1 = the worst nominal case), and of a colour that is not the golden part's (stain,
+  scratch): the local contrast of the observed-to-golden colour ratio (:func:`colour_contrast`). Colours are
+  compared after a shading correction fitted per view and per normal direction, so a light that is brighter or
+  turned a few degrees does not read as a defect; a specular highlight (white light added to the surface colour)
+  is taken out, and clipped pixels are not measured.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.ndimage
 from scipy.spatial import cKDTree
 
 from agent.capture import Frame
@@ -49,6 +52,11 @@ SHADING_BINS = 5
 ENCLOSURE_RADIUS_SPACINGS = 25.0
 CHROMA_SCALE = 3.0  # chromaticity differences (0..1 per component) to roughly RGB units
 BRIGHTNESS_WEIGHT = 0.35
+# Colour evidence at inspection (see colour_contrast): a channel at or above this level may be clipped by the
+# sensor (a highlight on a glossy glaze), so the pixel's colour is not measured; LOG_EPS keeps log ratios of dark
+# pixels finite (about the sensor noise floor, in [0, 1] units).
+SATURATED_LEVEL = 0.97
+LOG_EPS = 0.03
 
 
 @dataclass
@@ -252,8 +260,10 @@ class _Raw:
     nearest: np.ndarray  # M surface point indices
     extra: np.ndarray  # M metres in front of the surface (or away from it sideways)
     inside: np.ndarray  # M metres behind the surface
-    colour: np.ndarray  # M colour residual (max over RGB) after the shading correction
+    colour: np.ndarray  # M colour residual (colour_difference) after the shading correction: tolerances
     matched: np.ndarray  # M bool: on the surface (within 2 spacings)
+    log_ratio: np.ndarray  # M x 3 log(observed / corrected golden colour), highlight removed (0 where not valid)
+    colour_valid: np.ndarray  # M bool: matched and not clipped
 
 
 def _shading_correction(normals: np.ndarray, observed: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -319,33 +329,74 @@ def _raw_residuals(surface: NominalSurface, frame: Frame, T_world_part: np.ndarr
     gain = _shading_correction(n_world[matched], observed[matched], reference[matched]) if matched.sum() >= 16 else np.ones((int(matched.sum()), 3))
     colour = np.zeros(len(flat))
     colour[matched] = colour_difference(observed[matched], gain * reference[matched], surface.enclosure[j[matched]])
-    return _Raw(flat, q, j, extra, inside, colour, matched)
+    valid = matched & (observed.max(axis=1) < SATURATED_LEVEL)
+    log_ratio = np.zeros((len(flat), 3))
+    log_ratio[matched] = highlight_free_log_ratio(observed[matched], gain * reference[matched])
+    log_ratio[~valid] = 0.0
+    return _Raw(flat, q, j, extra, inside, colour, matched, log_ratio, valid)
+
+
+def highlight_free_log_ratio(observed: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """N x 3 ``log((observed - s + eps) / (reference + eps))`` per RGB channel, where ``s >= 0`` is the largest
+    white light the observation holds beyond the reference (the smallest per-channel excess): a specular highlight
+    adds the light's colour (white) to every channel (the dichromatic reflection model), a stain or a scratch
+    changes the channels unequally or darkens them, which stays."""
+    white = np.maximum((observed - reference).min(axis=1), 0.0)
+    return np.log((observed - white[:, None] + LOG_EPS) / (reference + LOG_EPS))
+
+
+def _masked_blur(values: np.ndarray, weight: np.ndarray, sigma_px: float) -> np.ndarray:
+    """C x H x W Gaussian mean of ``values`` over the pixels where ``weight`` (H x W, 0/1) is set."""
+    den = scipy.ndimage.gaussian_filter(weight, sigma_px)
+    num = np.stack([scipy.ndimage.gaussian_filter(v * weight, sigma_px) for v in values])
+    return num / np.maximum(den, 1e-3)
+
+
+def colour_contrast(log_ratio: np.ndarray, valid: np.ndarray, sigma_px: float, baseline_px: float) -> np.ndarray:
+    """H x W colour evidence from a 3 x H x W map of per-pixel log colour ratios (observed / golden) and the
+    H x W mask of measured pixels: the ratio averaged over ``sigma_px`` (pixel-scale texture misregistration
+    is zero-mean and averages out, a stain does not) less its average over ``baseline_px`` (a light that is
+    brighter, turned or warmer changes the ratio smoothly); the larger of the brightness change (the mean over
+    channels) and the chromaticity change (the norm of what is left). 0.1 ~ a 10 % local change."""
+    w = valid.astype(np.float32)
+    if not w.any():
+        return np.zeros(valid.shape, np.float32)
+    lr = np.asarray(log_ratio, dtype=np.float32)
+    d = _masked_blur(lr, w, sigma_px) - _masked_blur(lr, w, baseline_px)
+    brightness = d.mean(axis=0)
+    chroma = np.sqrt(((d - brightness) ** 2).sum(axis=0))
+    return (np.maximum(np.abs(brightness), chroma) * valid).astype(np.float32)
 
 
 @dataclass
 class SurfaceResiduals:
-    """Per-pixel evidence of one view (H x W float32, 0 where the camera saw no part), in tolerance units."""
+    """Per-pixel evidence of one view (H x W float32, 0 where the camera saw no part)."""
 
-    extra: np.ndarray  # material in front of / beside the nominal surface
-    inside: np.ndarray  # material missing: observed surface behind the nominal one
-    colour: np.ndarray  # colour unlike the golden part's
+    extra: np.ndarray  # material in front of / beside the nominal surface, in geometry tolerances
+    inside: np.ndarray  # material missing: observed surface behind the nominal one, in geometry tolerances
+    colour: np.ndarray  # colour unlike the golden part's: local log-ratio contrast (colour_contrast)
     observed: np.ndarray  # H x W bool: pixels with depth
 
 
-def surface_residuals(surface: NominalSurface, frame: Frame, T_world_part: np.ndarray) -> SurfaceResiduals:
-    """The three evidence maps of one posed view with depth (see the module docstring)."""
+def surface_residuals(
+    surface: NominalSurface, frame: Frame, T_world_part: np.ndarray, colour_sigma_px: float = 2.5, colour_baseline_px: float = 10.0
+) -> SurfaceResiduals:
+    """The three evidence maps of one posed view with depth (see the module docstring); the colour map is
+    :func:`colour_contrast` at ``colour_sigma_px`` / ``colour_baseline_px``."""
     H, W = frame.intrinsics.height, frame.intrinsics.width
-    maps = [np.zeros(H * W, np.float32) for _ in range(3)]
+    extra, inside = np.zeros(H * W, np.float32), np.zeros(H * W, np.float32)
+    log_ratio, valid = np.zeros((3, H * W), np.float32), np.zeros(H * W, bool)
     raw = _raw_residuals(surface, frame, T_world_part)
     observed = np.zeros(H * W, bool)
     if raw is not None:
         gtol = surface.geometry_tol[raw.nearest]
-        maps[0][raw.flat] = raw.extra / gtol
-        maps[1][raw.flat] = raw.inside / gtol
-        maps[2][raw.flat] = raw.colour / surface.colour_tol[raw.nearest]
+        extra[raw.flat] = raw.extra / gtol
+        inside[raw.flat] = raw.inside / gtol
+        log_ratio[:, raw.flat] = raw.log_ratio.T
+        valid[raw.flat] = raw.colour_valid
         observed[raw.flat] = True
-    extra, inside, colour = (m.reshape(H, W) for m in maps)
-    return SurfaceResiduals(extra, inside, colour, observed.reshape(H, W))
+    colour = colour_contrast(log_ratio.reshape(3, H, W), valid.reshape(H, W), colour_sigma_px, colour_baseline_px)
+    return SurfaceResiduals(extra.reshape(H, W), inside.reshape(H, W), colour, observed.reshape(H, W))
 
 
 @dataclass

@@ -34,7 +34,7 @@ def inject_paint(capture, centre: np.ndarray):
 
 @pytest.fixture(scope="module")
 def cell_data():
-    config = SimConfig(width=96, height=96, enroll_views=24, n_views=6, light_variation=0.0, jitter_mm=1.0, jitter_deg=1.0,
+    config = SimConfig(width=128, height=128, enroll_views=24, n_views=6, light_variation=0.0, jitter_mm=1.0, jitter_deg=1.0,
                        surface_points=5_000, shadows=False)  # fmt: skip
     rng = np.random.default_rng(7)
     golden = simulate_part(PRODUCT, None, enrollment_poses(PRODUCT, config), config, rng, jitter=False)
@@ -69,7 +69,8 @@ def test_enroll_then_inspect_finds_the_defect_and_passes_the_good_part(cell_data
     assert bad_result.verdict == "fail", bad_result.score
     distances = [float(np.linalg.norm(np.asarray(d.centroid) - centre)) for d in bad_result.defects]
     # Both the highest-scoring voxel and the highest-peak defect region's centroid lie within 1 cm of the blob's
-    # centre (the blob is 2 cm in radius; at 96 px a pixel covers about 5 mm of the stool).
+    # centre (the blob is 2 cm in radius; at 128 px a pixel covers about 4 mm of the stool; at 96 px
+    # depth-edge artefacts of the held-out golden views raise the threshold above this 2 cm blob).
     volume = bad_result.volume
     peak = volume.centres()[int(np.argmax(volume.score))]
     assert np.linalg.norm(peak - centre) < BLOB_RADIUS_M, np.linalg.norm(peak - centre)

@@ -7,7 +7,10 @@ import pytest
 
 from agent.geometry import rotation_about_axis, rotation_angle_deg
 from agent.sim import SimConfig, enrollment_poses, inspection_poses, simulate_part
-from agent.surface import MIN_COLOUR_TOL, MIN_GEOMETRY_TOL_M, NominalSurface, build_nominal_surface, fit_placement, surface_residuals
+from agent.surface import (
+    MIN_COLOUR_TOL, MIN_GEOMETRY_TOL_M, NominalSurface, build_nominal_surface, colour_contrast, fit_placement,
+    highlight_free_log_ratio, surface_residuals,
+)  # fmt: skip
 
 PRODUCT = "bracket"
 
@@ -86,3 +89,33 @@ def test_burr_stands_out_and_the_good_part_stays_near_its_tolerance(scene):
     assert seen, "the burr should be visible in some view"
     on = [float(surface_channel_maps(surface, f, burr.gt.T_world_part)[0][f.mask].max()) for f in seen]
     assert max(on) > 2.0 * good_peak, (on, good_peak)
+
+
+def test_a_highlight_is_taken_out_of_the_colour_ratio_and_a_stain_is_not():
+    reference = np.array([[0.10, 0.20, 0.55], [0.80, 0.60, 0.38]])
+    highlight = reference + 0.3  # white light added to every channel
+    assert np.abs(highlight_free_log_ratio(highlight, reference)).max() < 1e-9
+    stain = 0.3 * reference + 0.7 * np.array([0.24, 0.16, 0.10])  # darker and browner
+    stained = highlight_free_log_ratio(stain, reference)
+    assert (stained[1] < -0.3).all()  # on wood: darker in every channel
+    assert np.ptp(stained[0]) > 1.0  # on blue paint: a different hue
+    shaded = 0.8 * reference  # less light: every channel darker by the same factor (before the shading correction)
+    ratio = highlight_free_log_ratio(shaded, reference)
+    assert np.ptp(ratio[0]) < 0.05 and ratio[0].mean() < -0.1
+
+
+def test_colour_contrast_ignores_a_smooth_light_change_and_finds_a_blob():
+    H = W = 64
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    valid = np.zeros((H, W), bool)
+    valid[8:56, 8:56] = True
+    rng = np.random.default_rng(0)
+    lighting = np.broadcast_to(0.004 * xx + 0.1, (3, H, W))  # a light turned across the part: a smooth ramp
+    texture = rng.normal(0.0, 0.05, (3, H, W))  # pixel-scale misregistration of the wood grain: zero mean
+    nominal = colour_contrast(lighting + texture, valid, 2.5, 10.0)
+    assert nominal.max() < 0.08 and (nominal[~valid] == 0).all()
+    blob = ((yy - 32) ** 2 + (xx - 30) ** 2 < 16).astype(np.float32)
+    stained = lighting + texture - 0.5 * blob  # a 40 % darker spot, 8 px wide
+    found = colour_contrast(stained, valid, 2.5, 10.0)
+    assert found.max() > 3 * nominal.max()
+    assert np.hypot(*(np.array(np.unravel_index(found.argmax(), found.shape)) - [32, 30])) <= 2
