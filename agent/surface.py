@@ -234,7 +234,7 @@ def build_nominal_surface(frames: list[Frame], spacing_m: float, folds: int = 3,
         ones = np.ones(len(p_fold), np.float32)
         fold_surface = NominalSurface(p_fold.astype(np.float32), n_fold.astype(np.float32), c_fold.astype(np.float32), ones, ones, spacing_m, s_fold)
         for f in held:
-            res = _raw_residuals(fold_surface, f, np.eye(4))
+            res = _raw_residuals(fold_surface, f, np.eye(4), tolerances=True)
             if res is None:
                 continue
             j = full_tree.query(res.points_part)[1]  # gathered on the full surface's nearest point
@@ -260,10 +260,13 @@ class _Raw:
     nearest: np.ndarray  # M surface point indices
     extra: np.ndarray  # M metres in front of the surface (or away from it sideways)
     inside: np.ndarray  # M metres behind the surface
-    colour: np.ndarray  # M colour residual (colour_difference) after the shading correction: tolerances
     matched: np.ndarray  # M bool: on the surface (within 2 spacings)
-    log_ratio: np.ndarray  # M x 3 log(observed / corrected golden colour), highlight removed (0 where not valid)
-    colour_valid: np.ndarray  # M bool: matched and not clipped
+    # tolerances=True (building tolerances): M colour residual (colour_difference) after the shading correction
+    colour: np.ndarray | None = None
+    # tolerances=False (inspection): M x 3 log(observed / corrected golden colour), highlight removed (0 where not
+    # valid), and M bool valid = matched and not clipped
+    log_ratio: np.ndarray | None = None
+    colour_valid: np.ndarray | None = None
 
 
 def _shading_correction(normals: np.ndarray, observed: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -300,7 +303,9 @@ def colour_difference(observed: np.ndarray, reference: np.ndarray, enclosure: np
     return np.maximum(chroma, brightness)
 
 
-def _raw_residuals(surface: NominalSurface, frame: Frame, T_world_part: np.ndarray) -> _Raw | None:
+def _raw_residuals(surface: NominalSurface, frame: Frame, T_world_part: np.ndarray, tolerances: bool = False) -> _Raw | None:
+    """Per-sample residuals of a posed view; the colour as what the tolerances gather (``tolerances=True``) or as
+    the log ratio inspection maps (otherwise)."""
     if frame.depth is None or frame.c2w is None:
         return None
     pw, flat = backproject_depth(frame.depth, frame.c2w, frame.intrinsics)
@@ -327,13 +332,15 @@ def _raw_residuals(surface: NominalSurface, frame: Frame, T_world_part: np.ndarr
     reference = surface.colour[j].astype(np.float64)
     n_world = n @ np.asarray(T_world_part, dtype=np.float64)[:3, :3].T
     gain = _shading_correction(n_world[matched], observed[matched], reference[matched]) if matched.sum() >= 16 else np.ones((int(matched.sum()), 3))
-    colour = np.zeros(len(flat))
-    colour[matched] = colour_difference(observed[matched], gain * reference[matched], surface.enclosure[j[matched]])
+    if tolerances:
+        colour = np.zeros(len(flat))
+        colour[matched] = colour_difference(observed[matched], gain * reference[matched], surface.enclosure[j[matched]])
+        return _Raw(flat, q, j, extra, inside, matched, colour=colour)
     valid = matched & (observed.max(axis=1) < SATURATED_LEVEL)
     log_ratio = np.zeros((len(flat), 3))
     log_ratio[matched] = highlight_free_log_ratio(observed[matched], gain * reference[matched])
     log_ratio[~valid] = 0.0
-    return _Raw(flat, q, j, extra, inside, colour, matched, log_ratio, valid)
+    return _Raw(flat, q, j, extra, inside, matched, log_ratio=log_ratio, colour_valid=valid)
 
 
 def highlight_free_log_ratio(observed: np.ndarray, reference: np.ndarray) -> np.ndarray:
