@@ -18,7 +18,8 @@ Used at inspection (plain functions, no I/O):
   observed depth against the surface: on the fixture's degrees of freedom (x, y, turn about z) by default.
 - :func:`surface_residuals` gives, per pixel of a view, the evidence of extra material (a point in front of the
   surface: burr) and of material inside the nominal surface (dent, missing material's cut face), each divided by
-  the point's tolerance (1 = the worst nominal case), and of a colour that is not the golden part's (stain,
+  the point's tolerance (1 = the worst nominal case; inspection maps their signed difference as a local contrast,
+  :func:`geometry_contrast`), and of a colour that is not the golden part's (stain,
   scratch): the local contrast of the observed-to-golden colour ratio (:func:`colour_contrast`). Colours are
   compared after a shading correction fitted per view and per normal direction, so a light that is brighter or
   turned a few degrees does not read as a defect; a specular highlight (white light added to the surface colour)
@@ -373,6 +374,23 @@ def colour_contrast(log_ratio: np.ndarray, valid: np.ndarray, sigma_px: float, b
     brightness = d.mean(axis=0)
     chroma = np.sqrt(((d - brightness) ** 2).sum(axis=0))
     return (np.maximum(np.abs(brightness), chroma) * valid).astype(np.float32)
+
+
+def geometry_contrast(signed: np.ndarray, observed: np.ndarray, sigma_px: float, baseline_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """H x W extra-material and missing-material evidence from the H x W signed distance of each observed pixel
+    to the nominal surface (in units of the point's geometry tolerance, positive in front of the surface) and the
+    H x W mask of observed pixels: the signed distance averaged over ``sigma_px`` (per-pixel depth noise is zero
+    mean and averages out, a dent or a burr does not) less its average over ``baseline_px`` (a part placed a
+    fraction of a millimetre off tilts the residual smoothly across a whole face); the positive part is extra
+    material, the negative part material inside the surface. Both 0 where nothing was observed."""
+    w = np.asarray(observed, dtype=np.float32)
+    if not w.any():
+        zero = np.zeros(w.shape, np.float32)
+        return zero, zero.copy()
+    d = np.asarray(signed, dtype=np.float32)[None]
+    local = _masked_blur(d, w, sigma_px)[0] - _masked_blur(d, w, baseline_px)[0]
+    local *= w
+    return np.maximum(local, 0.0).astype(np.float32), np.maximum(-local, 0.0).astype(np.float32)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 from agent.geometry import rotation_about_axis, rotation_angle_deg
 from agent.sim import SimConfig, enrollment_poses, inspection_poses, simulate_part
 from agent.surface import (
-    MIN_COLOUR_TOL, MIN_GEOMETRY_TOL_M, NominalSurface, build_nominal_surface, colour_contrast, fit_placement,
+    MIN_COLOUR_TOL, MIN_GEOMETRY_TOL_M, NominalSurface, build_nominal_surface, colour_contrast, fit_placement, geometry_contrast,
     highlight_free_log_ratio, surface_residuals,
 )  # fmt: skip
 
@@ -119,3 +119,23 @@ def test_colour_contrast_ignores_a_smooth_light_change_and_finds_a_blob():
     found = colour_contrast(stained, valid, 2.5, 10.0)
     assert found.max() > 3 * nominal.max()
     assert np.hypot(*(np.array(np.unravel_index(found.argmax(), found.shape)) - [32, 30])) <= 2
+
+
+def test_geometry_contrast_cancels_depth_noise_and_a_placement_tilt_and_finds_a_dent():
+    H = W = 96
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    observed = np.zeros((H, W), bool)
+    observed[8:88, 8:88] = True
+    rng = np.random.default_rng(1)
+    tilt = 0.01 * (xx - 48)  # a part placed a little off: the residual ramps across the face (+-0.4 tolerances)
+    noise = rng.normal(0.0, 1.0, (H, W))  # per-pixel depth noise of 1 tolerance
+    extra, inside = geometry_contrast(tilt + noise, observed, 3.0, 40.0)
+    nominal = max(extra.max(), inside.max())
+    assert nominal < 0.7 and (extra[~observed] == 0).all() and (inside[~observed] == 0).all()
+    # the raw per-pixel noise is far above the dent's depth; the averaged contrast is not
+    assert np.abs(noise).max() > 3.0
+    dent = 3.0 * np.clip(1.0 - ((yy - 40) ** 2 + (xx - 60) ** 2) / 64.0, 0.0, None) ** 2  # 8 px radius, 3 tolerances deep
+    extra_d, inside_d = geometry_contrast(tilt + noise - dent, observed, 3.0, 40.0)
+    assert inside_d.max() > 2 * nominal
+    assert np.hypot(*(np.array(np.unravel_index(inside_d.argmax(), inside_d.shape)) - [40, 60])) <= 3
+    assert extra_d[32:49, 52:69].max() < nominal  # a dent is not extra material
