@@ -104,11 +104,17 @@ def test_a_highlight_is_taken_out_of_the_colour_ratio_and_a_stain_is_not():
     assert np.ptp(ratio[0]) < 0.05 and ratio[0].mean() < -0.1
 
 
+def _square_view(size: int, margin: int = 8):
+    """Pixel coordinates of a size x size view and the mask of a part filling it but for ``margin`` px."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    seen = np.zeros((size, size), bool)
+    seen[margin:-margin, margin:-margin] = True
+    return yy, xx, seen
+
+
 def test_colour_contrast_ignores_a_smooth_light_change_and_finds_a_blob():
     H = W = 64
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
-    valid = np.zeros((H, W), bool)
-    valid[8:56, 8:56] = True
+    yy, xx, valid = _square_view(64)
     rng = np.random.default_rng(0)
     lighting = np.broadcast_to(0.004 * xx + 0.1, (3, H, W))  # a light turned across the part: a smooth ramp
     texture = rng.normal(0.0, 0.05, (3, H, W))  # pixel-scale misregistration of the wood grain: zero mean
@@ -123,9 +129,7 @@ def test_colour_contrast_ignores_a_smooth_light_change_and_finds_a_blob():
 
 def test_geometry_contrast_cancels_depth_noise_and_a_placement_tilt_and_finds_a_dent():
     H = W = 96
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
-    observed = np.zeros((H, W), bool)
-    observed[8:88, 8:88] = True
+    yy, xx, observed = _square_view(96)
     rng = np.random.default_rng(1)
     tilt = 0.01 * (xx - 48)  # a part placed a little off: the residual ramps across the face (+-0.4 tolerances)
     noise = rng.normal(0.0, 1.0, (H, W))  # per-pixel depth noise of 1 tolerance
