@@ -360,6 +360,12 @@ def _masked_blur(values: np.ndarray, weight: np.ndarray, sigma_px: float) -> np.
     return num / np.maximum(den, 1e-3)
 
 
+def _local_contrast(values: np.ndarray, weight: np.ndarray, sigma_px: float, baseline_px: float) -> np.ndarray:
+    """C x H x W: the Gaussian mean of ``values`` over ``sigma_px`` less its mean over ``baseline_px``, both over
+    the pixels where ``weight`` (H x W, 0/1) is set."""
+    return _masked_blur(values, weight, sigma_px) - _masked_blur(values, weight, baseline_px)
+
+
 def colour_contrast(log_ratio: np.ndarray, valid: np.ndarray, sigma_px: float, baseline_px: float) -> np.ndarray:
     """H x W colour evidence from a 3 x H x W map of per-pixel log colour ratios (observed / golden) and the
     H x W mask of measured pixels: the ratio averaged over ``sigma_px`` (pixel-scale texture misregistration
@@ -369,8 +375,7 @@ def colour_contrast(log_ratio: np.ndarray, valid: np.ndarray, sigma_px: float, b
     w = valid.astype(np.float32)
     if not w.any():
         return np.zeros(valid.shape, np.float32)
-    lr = np.asarray(log_ratio, dtype=np.float32)
-    d = _masked_blur(lr, w, sigma_px) - _masked_blur(lr, w, baseline_px)
+    d = _local_contrast(np.asarray(log_ratio, dtype=np.float32), w, sigma_px, baseline_px)
     brightness = d.mean(axis=0)
     chroma = np.sqrt(((d - brightness) ** 2).sum(axis=0))
     return (np.maximum(np.abs(brightness), chroma) * valid).astype(np.float32)
@@ -387,9 +392,7 @@ def geometry_contrast(signed: np.ndarray, observed: np.ndarray, sigma_px: float,
     if not w.any():
         zero = np.zeros(w.shape, np.float32)
         return zero, zero.copy()
-    d = np.asarray(signed, dtype=np.float32)[None]
-    local = _masked_blur(d, w, sigma_px)[0] - _masked_blur(d, w, baseline_px)[0]
-    local *= w
+    local = _local_contrast(np.asarray(signed, dtype=np.float32)[None], w, sigma_px, baseline_px)[0] * w
     return np.maximum(local, 0.0).astype(np.float32), np.maximum(-local, 0.0).astype(np.float32)
 
 
