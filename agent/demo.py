@@ -1,8 +1,9 @@
 """`agent demo`: the whole agent on a simulated cell, in one command, for a newcomer.
 
 1. Recipe: the golden part of the simulated product is rendered on the enrollment trajectory and
-   enrolled with :data:`DEMO_ENROLL_CONFIG` into ``<out>/recipes/<name>``. The enrolment is cached: a
-   later run reuses it while its cache key (recipe, image size, seed, agent version, enrolment
+   enrolled with :data:`DEMO_ENROLL_CONFIG` into ``<out>/recipes/<name>``, its threshold set from ``--teach-in``
+   nominal parts rendered on the inspection trajectory. The enrolment is cached: a
+   later run reuses it while its cache key (recipe, image size, seed, teach-in parts, agent version, enrolment
    settings, kept in ``<out>/recipes/<name>.demo-key.json``) and the recipe's content hash still match.
 2. Broker: the one at ``--broker`` when it answers an MQTT CONNECT; otherwise an embedded broker
    (amqtt, in this process) on a free local port for the demo's lifetime.
@@ -91,6 +92,7 @@ class DemoOptions:
     speed: float = 1.0  # robot speed: 2 moves twice as fast as a real robot
     re_enroll: bool = False
     preview_port: int | None = None
+    teach_in: int = 3  # nominal parts run through the cell at enrolment; they set the threshold
 
     def __post_init__(self) -> None:
         if self.recipe not in PRODUCTS:
@@ -103,6 +105,8 @@ class DemoOptions:
             raise ValueError(f"--size must be >= 32 pixels, got {self.size}")
         if self.speed <= 0:
             raise ValueError(f"--speed must be > 0, got {self.speed}")
+        if self.teach_in < 0:
+            raise ValueError(f"--teach-in must be >= 0, got {self.teach_in}")
         if self.preview_port is not None and not 0 <= self.preview_port <= 65535:
             raise ValueError(f"--preview-port must be a TCP port (0 = any free one), got {self.preview_port}")
         try:
@@ -143,12 +147,21 @@ class DemoPart:
 def plan_demo(options: DemoOptions) -> tuple[PartJob, list[DemoPart]]:
     """The golden part and the parts to play: ``round(parts * defective_fraction)`` defective (defect types in
     turn), the rest good, in an order shuffled by the seed. Each part's content depends on the seed only."""
-    defective = round(options.parts * options.defective_fraction)
-    jobs = plan_parts(options.recipe, options.parts - defective, defective, options.seed)
-    golden, tests = jobs[0], jobs[1:]
+    jobs = _planned_jobs(options)
+    golden, tests = jobs[0], [j for j in jobs[1:] if not j.teach_in]
     order = np.random.default_rng(options.seed).permutation(len(tests))
     width = max(2, len(str(len(tests))))
     return golden, [DemoPart(f"part-{i + 1:0{width}d}", tests[j]) for i, j in enumerate(order)]
+
+
+def _planned_jobs(options: DemoOptions) -> list[PartJob]:
+    defective = round(options.parts * options.defective_fraction)
+    return plan_parts(options.recipe, options.parts - defective, defective, options.seed, options.teach_in)
+
+
+def teach_in_jobs(options: DemoOptions) -> list[PartJob]:
+    """The nominal teach-in parts of the enrolment (:func:`agent.pipeline.calibrate_on_teach_in`)."""
+    return [j for j in _planned_jobs(options) if j.teach_in]
 
 
 def sim_config(options: DemoOptions, config: EnrollConfig) -> SimConfig:
@@ -176,6 +189,7 @@ def recipe_cache_key(options: DemoOptions, config: EnrollConfig) -> dict:
         "recipe": options.recipe,
         "size": options.size,
         "seed": options.seed,
+        "teach_in": options.teach_in,
         "agent_version": __version__,
         "enroll_config": dataclasses.asdict(config),
     }
@@ -230,6 +244,12 @@ def prepare_recipe(options: DemoOptions, config: EnrollConfig, console: Console)
         task = bar.add_task(f"golden part: rendering {sim.enroll_views} views", total=1)
         golden = simulate_job(golden_job, sim)
         bar.update(task, completed=1)
+        jobs = teach_in_jobs(options)
+        task = bar.add_task(f"teach-in parts: rendering {len(jobs)} x {sim.n_views} views", total=len(jobs))
+        teach_in = []
+        for job in jobs:
+            teach_in.append(simulate_job(job, sim))
+            bar.advance(task)
         tasks: dict[str, tuple[int, int]] = {}  # stage -> (task id, total)
 
         def finish_stages() -> None:  # enroll() reports a stage's steps as they start: the next stage ends it
@@ -244,7 +264,7 @@ def prepare_recipe(options: DemoOptions, config: EnrollConfig, console: Console)
             bar.update(tasks[stage][0], completed=done, total=total)
 
         try:
-            recipe = enroll(golden, options.recipe, config, progress)
+            recipe = enroll(golden, options.recipe, config, progress, teach_in=teach_in)
         except ValueError as e:
             raise DemoError(f"enrolment failed: {e}") from None
         finish_stages()
@@ -824,12 +844,14 @@ def demo_command(
     speed: float = typer.Option(1.0, "--speed", min=1e-3, help="Robot speed: 2 moves twice as fast as a real robot."),
     re_enroll: bool = typer.Option(False, "--re-enroll", help="Enrol again even when the cached recipe fits."),
     preview_port: int = typer.Option(None, "--preview-port", help="Serve the live preview on this port (0: any free port)."),
+    teach_in: int = typer.Option(3, "--teach-in", min=0, help="Nominal parts run through the cell at enrolment to set the threshold (0: leave-views-out)."),
 ) -> None:
     """One command to see the agent work: enrol a simulated recipe, run the agent, play a simulated cell, show verdicts live."""
     console = Console()
     try:
         options = DemoOptions(recipe=recipe, parts=parts, defective_fraction=defective_fraction, out=out, broker=broker, size=size,
-                              seed=seed, cell=cell, speed=speed, re_enroll=re_enroll, preview_port=preview_port)  # fmt: skip
+                              seed=seed, cell=cell, speed=speed, re_enroll=re_enroll, preview_port=preview_port,
+                              teach_in=teach_in)  # fmt: skip
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -13,6 +13,10 @@ Enrollment (:func:`enroll`):
    then ``pseudo_parts`` random sets of ``expected_views`` held-out views are fused like a part, and the
    raw threshold is the ``1 - target_false_reject_rate`` quantile of their part scores times ``margin``.
    Scores are divided by it, so the verdict threshold is 1.0.
+4. Teach-in (:func:`calibrate_on_teach_in`, when nominal teach-in captures are given): each is inspected like any
+   part with the recipe so far, and the threshold becomes the ``1 - target_false_reject_rate`` quantile of their raw
+   part scores times ``teach_in_margin``. Held-out golden views lack their own viewpoint in the reference and score
+   2-5x above good parts; teach-in parts are scored exactly as parts will be.
 
 Inspection (:class:`RecipeInspector` -> :class:`PartSession`, the :mod:`agent.inspection` seam): per view,
 placement refinement (:func:`agent.splat.placement.refine_placement`, warm-started from the recipe placement, over
@@ -29,7 +33,7 @@ import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +76,8 @@ class EnrollConfig:
     min_defect_voxels: int = 2
     target_false_reject_rate: float = 0.01
     threshold_margin: float = 1.25
+    # margin over the teach-in parts' quantile (with a handful of teach-in parts the quantile is their maximum)
+    teach_in_margin: float = 1.75
     placement_views: int = 3
     depth_scale_m: float = 0.003
     surface: bool = True  # build the nominal surface (agent.surface) when every golden view has depth
@@ -88,6 +94,8 @@ class EnrollConfig:
             raise ValueError(f"EnrollConfig: folds and surface_folds must be >= 2, got {self.folds}, {self.surface_folds}")
         if self.pseudo_parts < 1 or self.enrich_renders < 0 or self.train_iterations < 1:
             raise ValueError("EnrollConfig: pseudo_parts and train_iterations must be >= 1, enrich_renders >= 0")
+        if self.threshold_margin <= 0 or self.teach_in_margin <= 0:
+            raise ValueError(f"EnrollConfig: threshold_margin and teach_in_margin must be > 0, got {self.threshold_margin}, {self.teach_in_margin}")
         if not 0 < self.bank_fraction <= 1:
             raise ValueError(f"EnrollConfig: bank_fraction must be in (0, 1], got {self.bank_fraction}")
 
@@ -219,9 +227,13 @@ def enroll(
     config: EnrollConfig = EnrollConfig(),
     progress: Progress = _noop,
     extractor: PatchFeatureExtractor | None = None,
+    teach_in: Sequence[Capture] = (),
 ) -> Recipe:
-    """Enroll a recipe from one golden capture (posed views with depth). The result is not yet saved."""
+    """Enroll a recipe from one golden capture (posed views with depth), its threshold from the ``teach_in`` captures
+    when there are any (:func:`calibrate_on_teach_in`). The result is not yet saved."""
     K = _check_enrollment_capture(capture)
+    for i, part in enumerate(teach_in):  # before the long steps: a bad teach-in capture fails at once
+        _check_teach_in_capture(part, K, i)
     rng = np.random.default_rng(config.seed)
     extractor = extractor or get_extractor(config.backbone, device="cpu")
     if extractor.name != config.backbone:
@@ -301,7 +313,67 @@ def enroll(
     )  # fmt: skip
     settings.validate()
     calibration.validate()
-    return Recipe(settings, model, bank, calibration, surface)
+    recipe = Recipe(settings, model, bank, calibration, surface)
+    if teach_in:
+        calibrate_on_teach_in(recipe, teach_in, config, progress, extractor)
+    return recipe
+
+
+def _check_teach_in_capture(capture: Capture, K: Intrinsics, index: int) -> None:
+    where = f"teach-in capture {index}" + (f" ({capture.root})" if capture.root else "")
+    if not capture.frames:
+        raise ValueError(f"{where} has no frames")
+    for f in capture.frames:
+        if f.c2w is None:
+            raise ValueError(f"{where}: frame {f.name!r} has no camera pose")
+        if (f.intrinsics.width, f.intrinsics.height) != (K.width, K.height):
+            raise ValueError(f"{where}: frame {f.name!r} is {f.intrinsics.width}x{f.intrinsics.height}, the golden views are {K.width}x{K.height}")
+    with_depth = sum(f.depth is not None for f in capture.frames)
+    if 0 < with_depth < len(capture.frames):
+        raise ValueError(f"{where}: {with_depth} of {len(capture.frames)} frames have depth; a teach-in part needs depth on every frame or on none")
+
+
+def calibrate_on_teach_in(
+    recipe: Recipe,
+    captures: Sequence[Capture],
+    config: EnrollConfig,
+    progress: Progress = _noop,
+    extractor: PatchFeatureExtractor | None = None,
+) -> None:
+    """Set the recipe's part-score threshold from teach-in runs: nominal parts (the golden part again, or other
+    known-good parts) placed in the fixture and run through the cell like any part. Each is inspected with the recipe
+    as enrolled so far; the raw threshold of the path that scored it (surface when its views have depth and the recipe
+    has a surface, else features) becomes the ``1 - target_false_reject_rate`` quantile of their raw part scores times
+    ``teach_in_margin``. The leave-views-out thresholds stay in ``calibration.notes``. Changes ``recipe`` in place
+    (before it is saved: the threshold is part of the recipe version)."""
+    if recipe.version:
+        raise ValueError(f"recipe {recipe.name} is already saved (version {recipe.version}); teach-in belongs to enrollment")
+    cal = recipe.calibration
+    inspector = RecipeInspector(recipe, extractor)
+    surface_scores: list[float] = []
+    feature_scores: list[float] = []
+    for i, capture in enumerate(captures):
+        progress("calibration: teach-in parts", i, len(captures))
+        _check_teach_in_capture(capture, recipe.settings.camera, i)
+        result, _ = inspect_capture(inspector, capture, f"teach-in-{i}")
+        if result.verdict == "incomplete":
+            raise ValueError(f"teach-in capture {i} has {result.n_views} views; the recipe needs at least {recipe.settings.min_views}")
+        if recipe.surface is not None and cal.surface_raw_threshold is not None and capture.frames[0].depth is not None:
+            surface_scores.append(result.score * cal.surface_raw_threshold)
+        else:
+            feature_scores.append(result.score * cal.raw_threshold)
+    progress("calibration: teach-in parts", len(captures), len(captures))
+    q = 1.0 - config.target_false_reject_rate
+    if surface_scores:
+        cal.notes["surface_leave_views_out_raw_threshold"] = cal.surface_raw_threshold
+        cal.surface_raw_threshold = max(float(np.quantile(surface_scores, q)), 1e-6) * config.teach_in_margin
+        cal.surface_teach_in_part_scores = surface_scores
+    if feature_scores:
+        cal.notes["leave_views_out_raw_threshold"] = cal.raw_threshold
+        cal.raw_threshold = max(float(np.quantile(feature_scores, q)), 1e-6) * config.teach_in_margin
+        cal.teach_in_part_scores = feature_scores
+    cal.notes["teach_in_margin"] = config.teach_in_margin
+    cal.validate()
 
 
 def surface_spacing(voxel_size_m: float) -> float:

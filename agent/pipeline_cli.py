@@ -32,6 +32,26 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def threshold_summary(recipe) -> str:
+    """One line per scoring path: where its threshold came from and the nominal scores on the verdict scale."""
+    cal = recipe.calibration
+    paths = [("features", cal.raw_threshold, cal.teach_in_part_scores, cal.nominal_part_scores)]
+    if cal.surface_raw_threshold is not None:
+        paths.insert(0, ("surface", cal.surface_raw_threshold, cal.surface_teach_in_part_scores, cal.surface_nominal_part_scores))
+    lines = []
+    for path, raw, teach_in, pseudo in paths:
+        source = cal.threshold_source(path == "surface")
+        scores = teach_in if teach_in else pseudo
+        shown = ", ".join(f"{v / raw:.2f}" for v in sorted(scores)[-8:])
+        what = f"teach-in parts ({len(scores)})" if teach_in else f"leave-views-out pseudo-parts ({len(scores)}, highest 8)"
+        line = f"threshold ({path} path): {source}, raw {raw:.4g}; {what} on the verdict scale: {shown}"
+        lvo = cal.notes.get("surface_leave_views_out_raw_threshold" if path == "surface" else "leave_views_out_raw_threshold")
+        if teach_in and isinstance(lvo, (int, float)):
+            line += f" (the leave-views-out threshold was {lvo / raw:.2f}x this)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 @recipes_app.command("list")
 def recipes_list(recipes_dir: Path = typer.Option(None, "--recipes-dir", help=RECIPES_DIR_HELP)) -> None:
     """Every recipe with its verified version (or why it cannot be used)."""
@@ -71,6 +91,7 @@ def recipes_show(
         "path": str(recipe.root),
         "settings": recipe.settings.to_toml(),
         "calibration": cal,
+        "threshold": threshold_summary(recipe).splitlines(),
         "model": {"gaussians": len(recipe.model), "sh_degree": recipe.model.sh_degree},
         "memory_bank": {"rows": len(recipe.bank), "dim": recipe.bank.dim, "metadata": recipe.bank.metadata},
     }
@@ -116,6 +137,9 @@ def recipes_export_model(
 def enroll_command(
     recipe: str = typer.Option(..., "--recipe", help="Recipe name (an id: [A-Za-z0-9._-])."),
     captures: Path = typer.Option(..., "--captures", help="The golden capture folder (transforms.json, images, depth)."),
+    teach_in: list[Path] = typer.Option([], "--teach-in", help="A teach-in capture folder (repeatable): a nominal part run "
+                                        "through the cell like any part. With teach-in parts the threshold is set from their "
+                                        "scores; without, from leave-views-out golden views (2-5x more cautious)."),
     recipes_dir: Path = typer.Option(None, "--recipes-dir", help=RECIPES_DIR_HELP),
     fast: bool = typer.Option(False, "--fast", help="Reference from init_from_depth only (no training)."),
     iterations: int = typer.Option(1500, "--iterations", min=1, help="Training iterations of the reference."),
@@ -124,7 +148,8 @@ def enroll_command(
     voxel_size_mm: float = typer.Option(0.0, "--voxel-mm", min=0.0, help="Voxel size; 0 = automatic."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Enroll a recipe from one golden capture: reference model, memory bank, calibration."""
+    """Enroll a recipe from one golden capture: reference model, memory bank, calibration (threshold from the
+    teach-in parts when given)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -134,6 +159,7 @@ def enroll_command(
     try:
         check_recipe_name(recipe)
         capture = load_capture(captures)
+        teach_in_captures = [load_capture(d) for d in teach_in]
         config = EnrollConfig(backbone=backbone, model_mode="fast" if fast else "train", train_iterations=iterations,
                               expected_views=expected_views, voxel_size_m=voxel_size_mm / 1000 or None, seed=seed)  # fmt: skip
     except (CaptureError, ValueError) as e:
@@ -149,11 +175,12 @@ def enroll_command(
             bar.update(tasks[stage], completed=done, total=total)
 
         try:
-            result = enroll(capture, recipe, config, progress)
+            result = enroll(capture, recipe, config, progress, teach_in=teach_in_captures)
         except ValueError as e:
             _fail(str(e))
     root = save_recipe(result, _recipes_dir(recipes_dir))
     console.print(f"enrolled {recipe} -> {root} ({result.version}) in {time.perf_counter() - t0:.1f} s")
+    console.print(threshold_summary(result))
 
 
 def verdict_of(part_id: str, recipe_name: str, version: str, result: InspectionResult, views: list[ViewResult], total_ms: float) -> Verdict:

@@ -206,6 +206,14 @@ class Calibration:
     surface_raw_threshold: float | None = None
     surface_nominal_part_scores: list[float] = field(default_factory=list)
     surface_channel_scale: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # agent.anomaly.SURFACE_CHANNELS
+    # Teach-in (agent.pipeline.calibrate_on_teach_in): the raw part scores of the nominal teach-in parts that set
+    # raw_threshold (feature path) / surface_raw_threshold (surface path); empty: the threshold is leave-views-out.
+    teach_in_part_scores: list[float] = field(default_factory=list)
+    surface_teach_in_part_scores: list[float] = field(default_factory=list)
+
+    def threshold_source(self, surface: bool) -> str:
+        """Where the threshold of the surface (or feature) path came from: "teach-in" or "leave-views-out"."""
+        return "teach-in" if (self.surface_teach_in_part_scores if surface else self.teach_in_part_scores) else "leave-views-out"
 
     def validate(self) -> None:
         n = len(CHANNELS)
@@ -228,6 +236,11 @@ class Calibration:
             raise ValueError(f"surface_channel_scale must be 3 positive values, got {self.surface_channel_scale}")
         if self.surface_raw_threshold is not None and not (math.isfinite(self.surface_raw_threshold) and self.surface_raw_threshold > 0):
             raise ValueError(f"surface_raw_threshold must be > 0, got {self.surface_raw_threshold}")
+        for name in ("teach_in_part_scores", "surface_teach_in_part_scores"):
+            if not all(math.isfinite(v) and v >= 0 for v in getattr(self, name)):
+                raise ValueError(f"{name} must be finite and >= 0")
+        if self.surface_teach_in_part_scores and self.surface_raw_threshold is None:
+            raise ValueError("surface_teach_in_part_scores without a surface_raw_threshold")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -247,6 +260,8 @@ class Calibration:
             "surface_raw_threshold": None if self.surface_raw_threshold is None else float(self.surface_raw_threshold),
             "surface_nominal_part_scores": [float(v) for v in self.surface_nominal_part_scores],
             "surface_channel_scale": [float(v) for v in self.surface_channel_scale],
+            "teach_in_part_scores": [float(v) for v in self.teach_in_part_scores],
+            "surface_teach_in_part_scores": [float(v) for v in self.surface_teach_in_part_scores],
         }
 
     @classmethod
@@ -276,6 +291,8 @@ class Calibration:
                 surface_raw_threshold=None if data.get("surface_raw_threshold") is None else float(data["surface_raw_threshold"]),
                 surface_nominal_part_scores=[float(v) for v in data.get("surface_nominal_part_scores", [])],
                 surface_channel_scale=[float(v) for v in data.get("surface_channel_scale", [1.0, 1.0, 1.0])],
+                teach_in_part_scores=[float(v) for v in data.get("teach_in_part_scores", [])],
+                surface_teach_in_part_scores=[float(v) for v in data.get("surface_teach_in_part_scores", [])],
             )
             calibration.validate()
         except (TypeError, ValueError) as e:

@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="image width and height")
     ap.add_argument("--good", type=int, default=5, help="good test parts per recipe")
     ap.add_argument("--defective", type=int, default=5, help="defective test parts per recipe (all five types in turn)")
+    ap.add_argument("--teach-in", type=int, default=3, help="nominal teach-in parts per recipe (they set the threshold; 0: leave-views-out)")
     ap.add_argument("--views", type=int, default=12, help="views per test part")
     ap.add_argument("--enroll-views", type=int, default=36, help="views of the golden part")
     ap.add_argument("--seed", type=int, default=20_260_517, help="simulation seed (fresh: not used by tests or examples)")
@@ -46,7 +47,7 @@ def main() -> None:
     config = SimConfig(width=args.size, height=args.size, enroll_views=args.enroll_views, n_views=args.views)
     t0 = time.perf_counter()
     for r in recipes:
-        write_dataset(data / "cell", r, args.good, args.defective, args.seed, config, "cell", args.workers)
+        write_dataset(data / "cell", r, args.good, args.defective, args.seed, config, "cell", args.workers, teach_in=args.teach_in)
         print(f"simulated {r} ({time.perf_counter() - t0:.0f} s)", flush=True)
     sim_seconds = time.perf_counter() - t0
 
@@ -66,7 +67,7 @@ def main() -> None:
     eval_seconds = time.perf_counter() - t0
     out = report.to_json()
     out["bench"] = {
-        "recipes": recipes, "size": args.size, "good": args.good, "defective": args.defective, "views": args.views,
+        "recipes": recipes, "size": args.size, "good": args.good, "defective": args.defective, "teach_in": args.teach_in, "views": args.views,
         "enroll_views": args.enroll_views, "seed": args.seed, "enrollment": "fast (init_from_depth)" if args.fast else f"trained, {args.iterations} iterations",
         "simulation_seconds": sim_seconds, "eval_seconds": eval_seconds,
         "conditions": "2-core machine shared with other jobs (see machine.load_average); CPU only",

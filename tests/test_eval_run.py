@@ -18,9 +18,9 @@ from agent.splat.placement import SingleImagePoseConfig
 TINY = EnrollConfig(enrich_renders=4, pseudo_parts=10)
 
 
-def _sim(root, protocol, good, defective, views):
+def _sim(root, protocol, good, defective, views, teach_in=0):
     config = SimConfig(width=96, height=96, enroll_views=16, n_views=views, surface_points=5_000, shadows=False)
-    write_dataset(root, "stool", good, defective, seed=3, config=config, protocol=protocol)
+    write_dataset(root, "stool", good, defective, seed=3, config=config, protocol=protocol, teach_in=teach_in)
     return root
 
 
@@ -28,7 +28,7 @@ def _sim(root, protocol, good, defective, views):
 def cell_run(tmp_path_factory):
     from agent.eval.run import EvalOptions, evaluate_cell_dataset
 
-    root = _sim(tmp_path_factory.mktemp("cell"), "cell", good=2, defective=2, views=4)
+    root = _sim(tmp_path_factory.mktemp("cell"), "cell", good=2, defective=2, views=4, teach_in=2)
     work = tmp_path_factory.mktemp("work")
     stages = []
     options = EvalOptions(fast=True, baseline="patchcore-max", work_dir=work, enroll=TINY)
@@ -65,6 +65,8 @@ def test_cell_report_is_complete_with_the_baseline(cell_run):
         assert _finite(L.last_view_to_verdict_ms_mean) and L.last_view_to_verdict_ms_mean > 0
         assert report.mean[name]["i_auroc"] == pytest.approx(res.metrics["i_auroc"])
     assert obj.methods[OURS].threshold == 1.0
+    assert "stool: enrolled from train/000; threshold from 2 teach-in parts (train/001, train/002)" in report.notes
+    assert obj.recipe["threshold_source"] == "teach-in" and obj.recipe["teach_in_captures"] == ["001", "002"]
     assert {"anomaly_map", "fusion", "placement"} <= set(obj.methods[OURS].latency.stage_ms_mean)
     assert obj.methods["patchcore-max"].threshold > 0
     m = report.machine

@@ -49,6 +49,14 @@ def cell_data():
 
 
 @pytest.fixture(scope="module")
+def teach_in_parts(cell_data):
+    """Two more good parts, run through the cell like test parts: the teach-in of the recipe's threshold."""
+    config = SimConfig(width=128, height=128, n_views=6, light_variation=0.0, jitter_mm=1.0, jitter_deg=1.0, surface_points=5_000, shadows=False)
+    rng = np.random.default_rng(8)
+    return [simulate_part(PRODUCT, None, inspection_poses(PRODUCT, config), config, rng) for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
 def recipe(cell_data, tmp_path_factory):
     from agent.pipeline import EnrollConfig, enroll
     from agent.recipe import load_recipe, save_recipe
@@ -103,3 +111,54 @@ def test_inspection_output_files(cell_data, recipe, tmp_path):
         m = np.load(tmp_path / "maps" / f"{f.name}.npy")
         assert m.dtype == np.float32 and m.shape == f.image.shape[:2]
         assert (tmp_path / "maps" / f"{f.name}.png").is_file()
+
+
+@pytest.mark.slow
+def test_teach_in_sets_the_threshold_from_nominal_parts_inspected_like_parts(cell_data, recipe, teach_in_parts, tmp_path):
+    from agent.pipeline import EnrollConfig, RecipeInspector, calibrate_on_teach_in, inspect_capture
+    from agent.pipeline_cli import threshold_summary
+    from agent.recipe import load_recipe, save_recipe
+
+    config = EnrollConfig(model_mode="fast", expected_views=6, teach_in_margin=1.5)
+    with pytest.raises(ValueError, match="already saved"):
+        calibrate_on_teach_in(recipe, teach_in_parts, config)
+    before = recipe.calibration.surface_raw_threshold
+    inspector = RecipeInspector(recipe)
+    raw = [inspect_capture(inspector, part, f"t{i}")[0].score * before for i, part in enumerate(teach_in_parts)]
+
+    unsaved = load_recipe(recipe.root)
+    unsaved.version = ""
+    calibrate_on_teach_in(unsaved, teach_in_parts, config)
+    cal = unsaved.calibration
+    assert cal.surface_teach_in_part_scores == pytest.approx(raw, rel=1e-5)
+    assert cal.surface_raw_threshold == pytest.approx(np.quantile(raw, 0.99) * 1.5, rel=1e-5)
+    assert cal.notes["surface_leave_views_out_raw_threshold"] == before
+    assert cal.threshold_source(surface=True) == "teach-in" and cal.threshold_source(surface=False) == "leave-views-out"
+    assert cal.raw_threshold == recipe.calibration.raw_threshold  # the feature path saw no teach-in part
+
+    loaded = load_recipe(save_recipe(unsaved, tmp_path))
+    assert loaded.version != recipe.version
+    summary = threshold_summary(loaded).splitlines()
+    assert summary[0].startswith("threshold (surface path): teach-in, raw ") and "teach-in parts (2)" in summary[0]
+    assert f"was {before / cal.surface_raw_threshold:.2f}x this" in summary[0]
+    assert loaded.calibration.surface_teach_in_part_scores == pytest.approx(raw, rel=1e-5)
+    inspector = RecipeInspector(loaded)
+    scores = [inspect_capture(inspector, part, f"t{i}")[0].score for i, part in enumerate(teach_in_parts)]
+    assert max(scores) == pytest.approx(max(raw) / cal.surface_raw_threshold, rel=1e-4) and max(scores) < 1 / 1.5 + 1e-3
+    _, good, bad, _ = cell_data
+    assert inspect_capture(inspector, good, "good")[0].verdict == "pass"
+    assert inspect_capture(inspector, bad, "bad")[0].verdict == "fail"
+
+
+def test_enroll_rejects_a_bad_teach_in_capture_before_the_long_steps(cell_data, teach_in_parts):
+    from agent.pipeline import EnrollConfig, enroll
+
+    golden = cell_data[0]
+    partial = copy.deepcopy(teach_in_parts[0])
+    partial.frames[1].depth = None
+    with pytest.raises(ValueError, match="teach-in capture 1: 5 of 6 frames have depth"):
+        enroll(golden, PRODUCT, EnrollConfig(model_mode="fast"), teach_in=[teach_in_parts[1], partial])
+    small = copy.deepcopy(teach_in_parts[0])
+    small.frames = []
+    with pytest.raises(ValueError, match="teach-in capture 0 has no frames"):
+        enroll(golden, PRODUCT, EnrollConfig(model_mode="fast"), teach_in=[small])

@@ -127,6 +127,11 @@ def test_malformed_but_hash_consistent_files_are_rejected_clearly(saved):
     with pytest.raises(RecipeError, match=f"{CALIBRATION_FILE}: malformed calibration: channel_scale must be > 0"):
         load_recipe(root)
     calibration["channel_scale"] = [1.0, 2.0, 1.0]
+    calibration["teach_in_part_scores"] = [0.5, float("nan")]
+    _rewrite(root, CALIBRATION_FILE, json.dumps(calibration))
+    with pytest.raises(RecipeError, match="teach_in_part_scores must be finite"):
+        load_recipe(root)
+    calibration["teach_in_part_scores"] = []
     calibration["enrollment_poses"][0][0][0] = 3.0
     _rewrite(root, CALIBRATION_FILE, json.dumps(calibration))
     with pytest.raises(RecipeError, match="enrollment_poses\\[0\\] is not rigid"):
@@ -158,6 +163,7 @@ def test_recipes_cli_list_and_show(saved):
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output)
     assert shown["version"] == recipe.version and shown["settings"]["fusion"]["voxel_size_m"] == 0.004
+    assert shown["threshold"][0].startswith("threshold (features path): leave-views-out, raw ")
     (root / BANK_FILE).write_bytes(b"x")
     result = runner.invoke(recipes_app, ["show", "bracket", "--recipes-dir", str(root.parent)])
     assert result.exit_code == 1 and "sha256 does not match" in result.output
@@ -185,6 +191,12 @@ def test_surface_round_trip_and_tampering(tmp_path):
     loaded = load_recipe(root)
     np.testing.assert_array_equal(loaded.surface.points, recipe.surface.points)
     assert loaded.calibration.surface_raw_threshold == pytest.approx(2.5)
+    assert loaded.calibration.threshold_source(surface=True) == "leave-views-out"
+    recipe.calibration.surface_teach_in_part_scores = [1.0, 1.25]
+    loaded = load_recipe(save_recipe(recipe, tmp_path / "taught"))
+    assert loaded.calibration.surface_teach_in_part_scores == [1.0, 1.25]
+    assert loaded.calibration.threshold_source(surface=True) == "teach-in"
+    assert loaded.calibration.threshold_source(surface=False) == "leave-views-out"
     data = bytearray((root / SURFACE_FILE).read_bytes())
     data[-20] ^= 0xFF
     (root / SURFACE_FILE).write_bytes(bytes(data))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from agent.capture import DEFECT_TYPES
@@ -11,7 +12,7 @@ from agent.datasets import list_cell_dataset, load_mad_object
 from agent.sim.dataset import plan_parts
 
 ARGS = ["simulate", "dataset", "--recipe", "bracket", "--good", "1", "--defective", "5", "--size", "64",
-        "--enroll-views", "6", "--views", "4", "--seed", "5", "--workers", "1"]
+        "--enroll-views", "6", "--views", "4", "--seed", "5", "--workers", "1", "--teach-in", "1"]
 
 
 def test_plan_spreads_defects_over_the_types_and_is_seeded_per_part():
@@ -24,6 +25,19 @@ def test_plan_spreads_defects_over_the_types_and_is_seeded_per_part():
     assert jobs[1].seed.generate_state(2).tolist() != jobs[2].seed.generate_state(2).tolist()
 
 
+def test_teach_in_parts_are_nominal_train_captures_after_the_golden_part_and_change_no_other_part():
+    plain = plan_parts("vase", good=2, defective=3, seed=1)
+    jobs = plan_parts("vase", good=2, defective=3, seed=1, teach_in=2)
+    teach = [j for j in jobs if j.teach_in]
+    assert [(j.split, j.category, j.capture_id) for j in teach] == [("train", "good", "001"), ("train", "good", "002")]
+    assert jobs[0].capture_id == "000" and not jobs[0].teach_in
+    state = lambda js: [j.seed.generate_state(2).tolist() for j in js]  # noqa: E731
+    assert state([j for j in jobs if not j.teach_in]) == state(plain)
+    assert not set(map(tuple, state(teach))) & set(map(tuple, state(plain)))
+    with pytest.raises(ValueError, match="teach-in"):
+        plan_parts("vase", good=2, defective=3, seed=1, teach_in=-1)
+
+
 def test_cell_layout_round_trips(tmp_path):
     result = CliRunner().invoke(app, ARGS + ["--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -33,8 +47,12 @@ def test_cell_layout_round_trips(tmp_path):
         capture = item.load()
         gt = capture.gt
         assert gt is not None and gt.label == item.category
-        if item.split == "train":
+        if item.split == "train" and item.capture_id == "000":  # the golden part: enrollment trajectory, no jitter
             assert len(capture.frames) == 6 and np.allclose(gt.T_world_part, np.eye(4))
+            continue
+        if item.split == "train":  # the teach-in part: a good part run through the cell like a test part
+            assert item.capture_id == "001" and item.category == "good" and not gt.defects
+            assert len(capture.frames) == 4 and not np.allclose(gt.T_world_part, np.eye(4))
             continue
         assert len(capture.frames) == 4
         frame = capture.frames[0]

@@ -1,8 +1,9 @@
 """``agent eval``: enrol and inspect a whole dataset, and compute every metric of ../shared/spec/metrics.md.
 
-Cell protocol (:func:`evaluate_cell_dataset`): per object, a recipe is enrolled from its (first) train capture with
-:func:`agent.pipeline.enroll` (kept in ``work_dir/recipes/`` and reused while the capture's content hash and the
-enrollment settings match), every test capture is inspected with :class:`agent.pipeline.RecipeInspector`, and
+Cell protocol (:func:`evaluate_cell_dataset`): per object, a recipe is enrolled from its first train capture (the
+golden part) with :func:`agent.pipeline.enroll`, the other train captures being its teach-in parts (nominal parts run
+through the cell, which set the threshold: :func:`agent.pipeline.calibrate_on_teach_in`); the recipe is kept in
+``work_dir/recipes/`` and reused while the captures' content hashes and the enrollment settings match. Every test capture is inspected with :class:`agent.pipeline.RecipeInspector`, and
 I-AUROC, accuracy at the recipe's threshold (with false-reject and escape rates), P-AUROC and AU-PRO@0.3 over all
 views' maps, V-AUPRO@1% over the anomaly volumes and the per-view / last-view-to-verdict latency are reported, per
 object and per defect type (that type's parts against all good parts), then averaged over objects.
@@ -18,7 +19,8 @@ features only (no renders, no reference), per-view map = bank distance upsampled
 (:func:`agent.memory_bank.anomaly_maps`), fused with the ``max`` rule at the recipe's voxel size. It has no rendered
 depth, so it back-projects through the capture's own depth (the simulator writes depth); part score = maximum of the
 volume (of the maps where no view has depth). Its threshold is chosen like the recipe's, on nominal data only:
-leave-views-out maps of the golden views, nominal pseudo-parts, ``1 - target_false_reject_rate`` quantile x margin.
+leave-views-out maps of the golden views, nominal pseudo-parts, ``1 - target_false_reject_rate`` quantile x margin,
+or, with teach-in parts, the same quantile of their baseline part scores x ``teach_in_margin`` (the recipe's rule).
 """
 
 from __future__ import annotations
@@ -237,21 +239,26 @@ def enrolled_recipe(
     work_dir: Path,
     extractor: PatchFeatureExtractor,
     progress: Progress = _noop,
+    teach_in: list[Capture] | None = None,
+    teach_in_dirs: list[Path] | None = None,
 ) -> tuple[Recipe, dict]:
-    """The recipe of ``name`` from ``work_dir/recipes/``, enrolled again unless the capture hash and settings match."""
+    """The recipe of ``name`` from ``work_dir/recipes/``, enrolled again unless the capture hashes (golden and teach-in)
+    and settings match."""
     recipes_dir = work_dir / "recipes"
     stamp_path = work_dir / f"{name}.enroll.json"
-    key = {"capture_hash": capture_hash(golden_dir), "capture": str(golden_dir), "config": asdict(config)}
+    key = {"capture_hash": capture_hash(golden_dir), "capture": str(golden_dir), "config": asdict(config),
+           "teach_in_hashes": [capture_hash(d) for d in teach_in_dirs or []]}  # fmt: skip
+    compared = ("capture_hash", "config", "teach_in_hashes")
     if stamp_path.is_file() and (recipes_dir / name).is_dir():
         try:
             stamp = json.loads(stamp_path.read_text(encoding="utf-8"))
-            if {k: stamp.get(k) for k in ("capture_hash", "config")} == {k: key[k] for k in ("capture_hash", "config")}:
+            if {k: stamp.get(k, []) for k in compared} == {k: key[k] for k in compared}:
                 recipe = load_recipe(recipes_dir / name)
                 return recipe, {**stamp, "reused": True}
         except (json.JSONDecodeError, RecipeError):
             pass
     t0 = time.perf_counter()
-    recipe = enroll(golden, name, config, progress, extractor)
+    recipe = enroll(golden, name, config, progress, extractor, teach_in=teach_in or ())
     seconds = time.perf_counter() - t0
     save_recipe(recipe, recipes_dir)
     stamp = {**key, "enroll_seconds": seconds, "version": recipe.version}
@@ -311,6 +318,12 @@ class PatchCoreMaxBaseline:
             scores.append(float(acc.volume().score.max()))
         self.threshold = float(np.quantile(scores, 1.0 - config.target_false_reject_rate)) * config.threshold_margin
         progress("baseline: calibration", folds, folds)
+
+    def calibrate_on_teach_in(self, captures: list[Capture], config: EnrollConfig) -> None:
+        """The threshold from nominal teach-in parts, by the recipe's rule (:func:`agent.pipeline.calibrate_on_teach_in`)."""
+        if captures:
+            scores = [self.inspect(c)[0] for c in captures]
+            self.threshold = max(float(np.quantile(scores, 1.0 - config.target_false_reject_rate)), 1e-6) * config.teach_in_margin
 
     def inspect(self, capture: Capture) -> tuple[float, list[np.ndarray], SparseVolume | None, list[float], float]:
         """(part score, per-view maps, fused volume or None, per-view ms, last-view-to-verdict ms)."""
@@ -377,19 +390,22 @@ def evaluate_cell_dataset(root: str | os.PathLike, options: EvalOptions = EvalOp
             raise ValueError(f"{root / obj / 'train'}: object {obj} has no train capture to enrol from")
         if not tests:
             raise ValueError(f"{root / obj / 'test'}: object {obj} has no test captures")
-        if len(train) > 1:
-            notes.append(f"{obj}: {len(train)} train captures; enrolled from the first, {train[0].capture_id}")
         golden = train[0].load()
+        teach_in = [it.load() for it in train[1:]]
+        notes.append(f"{obj}: enrolled from train/{train[0].capture_id}; threshold from "
+                     + (f"{len(teach_in)} teach-in parts (train/{', train/'.join(it.capture_id for it in train[1:])})" if teach_in else "leave-views-out (no teach-in parts)"))
         n_views = len(tests[0].load().frames)
         config = options.enroll_config(n_views)
         recipe, recipe_info = enrolled_recipe(obj, golden, train[0].path, config, options.work_dir, extractor,
-                                              lambda s, d, t, obj=obj: progress(f"{obj}: {s}", d, t))  # fmt: skip
+                                              lambda s, d, t, obj=obj: progress(f"{obj}: {s}", d, t),
+                                              teach_in=teach_in, teach_in_dirs=[it.path for it in train[1:]])  # fmt: skip
         voxel = recipe.settings.voxel_size_m
         eval_voxel = options.voxel_size_m or voxel
         inspector = RecipeInspector(recipe, extractor, refine=options.refine_placement, backend=options.backend)
         baseline = None
         if options.baseline == "patchcore-max":
             baseline = PatchCoreMaxBaseline(golden, extractor, config, voxel, lambda s, d, t, obj=obj: progress(f"{obj}: {s}", d, t))
+            baseline.calibrate_on_teach_in(teach_in, config)
         ours: list[_Instance] = []
         base: list[_Instance] = []
         for n, item in enumerate(tests):
@@ -431,12 +447,15 @@ def evaluate_cell_dataset(root: str | os.PathLike, options: EvalOptions = EvalOp
             "version": recipe.version, "voxel_size_m": voxel, "eval_voxel_size_m": eval_voxel, "train_capture": train[0].capture_id,
             "model_mode": recipe.settings.model_mode, "expected_views": recipe.settings.expected_views,
             "enroll_seconds": recipe_info.get("enroll_seconds"), "reused": recipe_info.get("reused"),
-            "raw_threshold": recipe.calibration.raw_threshold,
+            "raw_threshold": recipe.calibration.raw_threshold, "surface_raw_threshold": recipe.calibration.surface_raw_threshold,
+            "threshold_source": recipe.calibration.threshold_source(surface=recipe.calibration.surface_raw_threshold is not None),
+            "teach_in_captures": [it.capture_id for it in train[1:]],
         }  # fmt: skip
         results.append(ObjectResult(obj, methods, info))
     if options.baseline:
         notes.append("patchcore-max: single-view PatchCore (golden views only, same backbone), max fusion through the "
-                     "capture's depth; threshold from leave-views-out nominal pseudo-parts like the recipe's")  # fmt: skip
+                     "capture's depth; threshold from nominal data by the recipe's rule (teach-in parts, else leave-views-out "
+                     "pseudo-parts)")  # fmt: skip
     notes.append("I-AUROC per defect type: that type's parts vs all good parts; V-AUPRO pools good and defective parts")
     return EvalReport(
         protocol="cell", dataset=str(root), created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),

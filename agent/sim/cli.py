@@ -36,6 +36,8 @@ def dataset_command(
     out: Path = typer.Option(..., "--out", help="Dataset root; each recipe goes to <out>/<recipe>/."),
     good: int = typer.Option(10, "--good", min=0, help="Good test parts per recipe."),
     defective: int = typer.Option(10, "--defective", min=0, help="Defective test parts per recipe (defect types in turn)."),
+    teach_in: int = typer.Option(3, "--teach-in", min=0, help="Nominal teach-in parts per recipe (train/001, ...), run "
+                                 "through the cell like any part; enrollment sets the threshold from them. Cell layout only."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same data."),
     size: int = typer.Option(256, "--size", min=16, help="Image width and height in pixels."),
     protocol: Protocol = typer.Option(Protocol.cell, "--protocol", help="cell: multi-view captures; mad: single test images."),
@@ -43,7 +45,7 @@ def dataset_command(
     views: int = typer.Option(12, "--views", min=1, help="Views per test part (inspection trajectory)."),
     workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", min=1, help="Worker processes."),
 ) -> None:
-    """Simulate a dataset: a golden enrollment capture plus good and defective test parts per recipe."""
+    """Simulate a dataset: a golden enrollment capture, teach-in parts, and good and defective test parts per recipe."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -61,8 +63,9 @@ def dataset_command(
     started = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         for name in recipes:
-            task = bar.add_task(f"{name:<10}", total=1 + good + defective)
+            n_teach_in = teach_in if protocol == Protocol.cell else 0
+            task = bar.add_task(f"{name:<10}", total=1 + n_teach_in + good + defective)
             root = write_dataset(out, name, good, defective, seed, config, protocol.value, workers,
-                                 on_part=lambda job, task=task: bar.advance(task))
+                                 on_part=lambda job, task=task: bar.advance(task), teach_in=n_teach_in)
             bar.console.print(f"{name}: wrote {root} (contact sheet {root / 'contact_sheet.png'})")
     console.print(f"done in {time.perf_counter() - started:.1f} s")

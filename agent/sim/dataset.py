@@ -1,9 +1,11 @@
 """Simulated datasets in the "cell" and "mad" layouts (../shared/spec/capture-format.md), plus a contact sheet.
 
-Per recipe: one golden part (no placement jitter) seen from the enrollment trajectory, then ``good`` good
-parts and ``defective`` defective parts (defect types taken in turn) seen from the inspection trajectory.
-Each part draws from its own child of ``SeedSequence([seed, crc32(recipe)])``, so the data do not depend
-on the number of worker processes.
+Per recipe: one golden part (no placement jitter) seen from the enrollment trajectory (``train/000``), then
+``good`` good parts and ``defective`` defective parts (defect types taken in turn) seen from the inspection
+trajectory, and ``teach_in`` more nominal parts run through the cell like any part (``train/001``, ...: the
+teach-in runs that :func:`agent.pipeline.calibrate_on_teach_in` sets the threshold from). Each part draws from its
+own child of ``SeedSequence([seed, crc32(recipe)])`` (the teach-in parts after the test parts, so adding them
+leaves the other parts unchanged), so the data do not depend on the number of worker processes.
 
 In the "mad" layout each inspection view of a test part becomes one test image; views of a defective part
 in which its defect covers fewer than ``SimConfig.min_pixels_scaled`` pixels are left out (they would be
@@ -40,19 +42,21 @@ class PartJob:
     category: str  # "good" or a defect type
     capture_id: str
     seed: np.random.SeedSequence
+    teach_in: bool = False  # a nominal part run through the cell for the threshold (train/, inspection trajectory)
 
     @property
     def defect(self) -> str | None:
         return None if self.category == "good" else self.category
 
 
-def plan_parts(recipe: str, good: int, defective: int, seed: int) -> list[PartJob]:
-    """The golden part, then the good and the defective test parts (defect types in turn)."""
-    if good < 0 or defective < 0:
-        raise ValueError(f"--good and --defective must be >= 0, got {good} and {defective}")
+def plan_parts(recipe: str, good: int, defective: int, seed: int, teach_in: int = 0) -> list[PartJob]:
+    """The golden part, the teach-in parts, then the good and the defective test parts (defect types in turn)."""
+    if good < 0 or defective < 0 or teach_in < 0:
+        raise ValueError(f"--good, --defective and --teach-in must be >= 0, got {good}, {defective} and {teach_in}")
     recipe = product_name(recipe)
-    children = np.random.SeedSequence([seed, zlib.crc32(recipe.encode())]).spawn(1 + good + defective)
+    children = np.random.SeedSequence([seed, zlib.crc32(recipe.encode())]).spawn(1 + good + defective + teach_in)
     jobs = [PartJob(recipe, "train", "good", "000", children[0])]
+    jobs += [PartJob(recipe, "train", "good", f"{1 + i:03d}", children[1 + good + defective + i], teach_in=True) for i in range(teach_in)]
     jobs += [PartJob(recipe, "test", "good", f"{i:03d}", children[1 + i]) for i in range(good)]
     per_type: dict[str, int] = {}
     for i in range(defective):
@@ -66,7 +70,7 @@ def plan_parts(recipe: str, good: int, defective: int, seed: int) -> list[PartJo
 def simulate_job(job: PartJob, config: SimConfig) -> Capture:
     """Simulate one planned part (the golden part without placement jitter, on the enrollment trajectory)."""
     rng = np.random.default_rng(job.seed)
-    if job.split == "train":
+    if job.split == "train" and not job.teach_in:
         return simulate_part(job.recipe, None, enrollment_poses(job.recipe, config), config, rng, jitter=False)
     return simulate_part(job.recipe, job.defect, inspection_poses(job.recipe, config), config, rng)
 
@@ -161,16 +165,20 @@ def write_dataset(
     protocol: str = "cell",
     workers: int = 1,
     on_part: Callable[[PartJob], None] | None = None,
+    teach_in: int = 0,
 ) -> Path:
     """Simulate and write one recipe's dataset under ``out/<recipe>``, plus its contact_sheet.png.
 
-    Returns the object folder. ``on_part`` is called after each part is written (progress bars).
+    Returns the object folder. ``on_part`` is called after each part is written (progress bars). ``teach_in``
+    nominal parts go to ``train/001``, ... ("cell" layout only: the "mad" layout has no place for them).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
+    if teach_in and protocol != "cell":
+        raise ValueError(f'teach-in parts need the "cell" layout (the "{protocol}" layout has no place for them)')
     recipe = product_name(recipe)
     root = Path(out) / recipe
-    jobs = plan_parts(recipe, good, defective, seed)
+    jobs = plan_parts(recipe, good, defective, seed, teach_in)
     results = simulate_parts(jobs, config, workers)
     sheet_parts: list[tuple[str, list[np.ndarray]]] = []
     tile = min(160, config.width, config.height)
