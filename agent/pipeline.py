@@ -104,6 +104,12 @@ def _noop(stage: str, done: int, total: int) -> None:
     pass
 
 
+def nominal_threshold(scores: Sequence[float], target_false_reject_rate: float, margin: float) -> float:
+    """A raw part-score threshold from nominal part scores: their ``1 - target_false_reject_rate`` quantile (at least
+    1e-6) times ``margin``."""
+    return max(float(np.quantile(scores, 1.0 - target_false_reject_rate)), 1e-6) * margin
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared per-view steps
 
@@ -288,7 +294,7 @@ def enroll(
         part_scores.append(float(acc.volume().score.max()))
     progress("calibration: nominal pseudo-parts", config.pseudo_parts, config.pseudo_parts)
     quantile = float(np.quantile(part_scores, 1.0 - config.target_false_reject_rate))
-    raw_threshold = max(quantile, 1e-6) * config.threshold_margin
+    raw_threshold = nominal_threshold(part_scores, config.target_false_reject_rate, config.threshold_margin)
 
     surface, surface_threshold, surface_scores, channel_scale = None, None, [], [1.0, 1.0, 1.0]
     if config.surface and all(f.depth is not None for f in capture.frames):
@@ -363,14 +369,13 @@ def calibrate_on_teach_in(
         else:
             feature_scores.append(result.score * cal.raw_threshold)
     progress("calibration: teach-in parts", len(captures), len(captures))
-    q = 1.0 - config.target_false_reject_rate
     if surface_scores:
         cal.notes["surface_leave_views_out_raw_threshold"] = cal.surface_raw_threshold
-        cal.surface_raw_threshold = max(float(np.quantile(surface_scores, q)), 1e-6) * config.teach_in_margin
+        cal.surface_raw_threshold = nominal_threshold(surface_scores, config.target_false_reject_rate, config.teach_in_margin)
         cal.surface_teach_in_part_scores = surface_scores
     if feature_scores:
         cal.notes["leave_views_out_raw_threshold"] = cal.raw_threshold
-        cal.raw_threshold = max(float(np.quantile(feature_scores, q)), 1e-6) * config.teach_in_margin
+        cal.raw_threshold = nominal_threshold(feature_scores, config.target_false_reject_rate, config.teach_in_margin)
         cal.teach_in_part_scores = feature_scores
     cal.notes["teach_in_margin"] = config.teach_in_margin
     cal.validate()
@@ -417,7 +422,7 @@ def build_surface(
             f = frames[i]
             acc.add_view(combined[i], f.depth, f.c2w, f.intrinsics, f.name)
         scores.append(float(acc.volume().score.max()))
-    threshold = max(float(np.quantile(scores, 1.0 - config.target_false_reject_rate)), 1e-6) * config.threshold_margin
+    threshold = nominal_threshold(scores, config.target_false_reject_rate, config.threshold_margin)
     return surface, threshold, scores, channel_scale
 
 

@@ -46,7 +46,7 @@ from agent.eval.report import OURS, SPLATPOSE_MAD_SIM, EvalReport, Latency, Meth
 from agent.features import PatchFeatureExtractor, get_extractor
 from agent.fusion import SparseVolume, VoxelAccumulator
 from agent.memory_bank import MemoryBank, anomaly_maps, patch_rows
-from agent.pipeline import EnrollConfig, RecipeInspector, build_bank, enroll, inspect_capture
+from agent.pipeline import EnrollConfig, RecipeInspector, build_bank, enroll, inspect_capture, nominal_threshold
 from agent.recipe import Recipe, RecipeError, load_recipe, save_recipe
 from agent.splat.placement import SingleImagePoseConfig, estimate_single_image_pose
 from agent import machine
@@ -240,14 +240,13 @@ def enrolled_recipe(
     extractor: PatchFeatureExtractor,
     progress: Progress = _noop,
     teach_in: list[Capture] | None = None,
-    teach_in_dirs: list[Path] | None = None,
 ) -> tuple[Recipe, dict]:
     """The recipe of ``name`` from ``work_dir/recipes/``, enrolled again unless the capture hashes (golden and teach-in)
     and settings match."""
     recipes_dir = work_dir / "recipes"
     stamp_path = work_dir / f"{name}.enroll.json"
     key = {"capture_hash": capture_hash(golden_dir), "capture": str(golden_dir), "config": asdict(config),
-           "teach_in_hashes": [capture_hash(d) for d in teach_in_dirs or []]}  # fmt: skip
+           "teach_in_hashes": [capture_hash(c.root) for c in teach_in or []]}  # fmt: skip
     compared = ("capture_hash", "config", "teach_in_hashes")
     if stamp_path.is_file() and (recipes_dir / name).is_dir():
         try:
@@ -323,7 +322,7 @@ class PatchCoreMaxBaseline:
         """The threshold from nominal teach-in parts, by the recipe's rule (:func:`agent.pipeline.calibrate_on_teach_in`)."""
         if captures:
             scores = [self.inspect(c)[0] for c in captures]
-            self.threshold = max(float(np.quantile(scores, 1.0 - config.target_false_reject_rate)), 1e-6) * config.teach_in_margin
+            self.threshold = nominal_threshold(scores, config.target_false_reject_rate, config.teach_in_margin)
 
     def inspect(self, capture: Capture) -> tuple[float, list[np.ndarray], SparseVolume | None, list[float], float]:
         """(part score, per-view maps, fused volume or None, per-view ms, last-view-to-verdict ms)."""
@@ -398,7 +397,7 @@ def evaluate_cell_dataset(root: str | os.PathLike, options: EvalOptions = EvalOp
         config = options.enroll_config(n_views)
         recipe, recipe_info = enrolled_recipe(obj, golden, train[0].path, config, options.work_dir, extractor,
                                               lambda s, d, t, obj=obj: progress(f"{obj}: {s}", d, t),
-                                              teach_in=teach_in, teach_in_dirs=[it.path for it in train[1:]])  # fmt: skip
+                                              teach_in=teach_in)  # fmt: skip
         voxel = recipe.settings.voxel_size_m
         eval_voxel = options.voxel_size_m or voxel
         inspector = RecipeInspector(recipe, extractor, refine=options.refine_placement, backend=options.backend)
