@@ -364,7 +364,7 @@ def calibrate_on_teach_in(
         result, _ = inspect_capture(inspector, capture, f"teach-in-{i}")
         if result.verdict == "incomplete":
             raise ValueError(f"teach-in capture {i} has {result.n_views} views; the recipe needs at least {recipe.settings.min_views}")
-        if recipe.surface is not None and cal.surface_raw_threshold is not None and capture.frames[0].depth is not None:
+        if inspector.scores_on_surface(capture.frames[0]):
             surface_scores.append(result.score * cal.surface_raw_threshold)
         else:
             feature_scores.append(result.score * cal.raw_threshold)
@@ -472,6 +472,11 @@ class RecipeInspector:
             raise ValueError(f"recipe {s.name} uses backbone {s.backbone!r}, the extractor is {extractor.name!r}")
         self.scorer = _Scorer(extractor, recipe.bank, recipe.model, c.geometry_depth_scale_m, backend)
 
+    def scores_on_surface(self, frame: Frame) -> bool:
+        """Whether ``frame`` is scored against the nominal surface (it has depth and the recipe a calibrated surface);
+        else by the feature path."""
+        return self.recipe.surface is not None and frame.depth is not None and self.recipe.calibration.surface_raw_threshold is not None
+
     def start_part(self, part_id: str) -> "PartSession":
         return PartSession(self, part_id)
 
@@ -500,9 +505,8 @@ class PartSession:
         insp, cal = self.inspector, self.inspector.recipe.calibration
         timings: dict[str, float] = {}
         self.views.append(frame)
-        surface = insp.recipe.surface
-        if surface is not None and frame.depth is not None and cal.surface_raw_threshold is not None:
-            score_map, fusion_depth = self._surface_view(frame, surface, cal.surface_raw_threshold, timings)
+        if insp.scores_on_surface(frame):
+            score_map, fusion_depth = self._surface_view(frame, insp.recipe.surface, cal.surface_raw_threshold, timings)
         else:
             score_map, fusion_depth = self._feature_view(frame, timings)
         t = time.perf_counter()
