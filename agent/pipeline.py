@@ -16,7 +16,9 @@ Enrollment (:func:`enroll`):
 4. Teach-in (:func:`calibrate_on_teach_in`, when nominal teach-in captures are given): each is inspected like any
    part with the recipe so far, and the threshold becomes the ``1 - target_false_reject_rate`` quantile of their raw
    part scores times ``teach_in_margin``. Held-out golden views lack their own viewpoint in the reference and score
-   2-5x above good parts; teach-in parts are scored exactly as parts will be.
+   2-5x above good parts; teach-in parts are scored exactly as parts will be. With two or more teach-in parts their
+   views become reference views (:mod:`agent.reference_views`), the colour reference of views from the same pose,
+   calibrated leaving one part out (threshold margin ``reference_margin``).
 
 Inspection (:class:`RecipeInspector` -> :class:`PartSession`, the :mod:`agent.inspection` seam): per view,
 placement refinement (:func:`agent.splat.placement.refine_placement`, warm-started from the recipe placement, over
@@ -47,12 +49,15 @@ from agent.geometry import Intrinsics, check_rigid, rotation_about_axis, rotatio
 from agent.inspection import InspectionResult, ViewResult
 from agent.memory_bank import MemoryBank, patch_rows
 from agent.recipe import Calibration, Recipe, RecipeSettings
+from agent.reference_views import ReferenceViews
 from agent.splat.init import init_from_depth
 from agent.splat.model import GaussianModel
 from agent.splat.placement import PlacementConfig, refine_placement
 from agent.surface import NominalSurface, build_nominal_surface, fit_placement
 
 Progress = Callable[[str, int, int], None]  # (stage description, done, total)
+# Teach-in parts needed for reference views (agent.reference_views): their calibration leaves one part out.
+MIN_REFERENCE_PARTS = 2
 
 
 @dataclass
@@ -78,6 +83,11 @@ class EnrollConfig:
     threshold_margin: float = 1.25
     # margin over the teach-in parts' quantile (with a handful of teach-in parts the quantile is their maximum)
     teach_in_margin: float = 1.75
+    # margin over the teach-in parts' leave-one-part-out scores when their views are the colour reference
+    # (agent.reference_views): scored against one part fewer than inspection, those scores already run high. Chosen on
+    # the tuning seed (seed 21, 3 recipes x 8 good + 10 defective parts, 3 teach-in parts): false rejects / escapes
+    # 0 / 37 % at 1.0, 0 / 40 % at 1.1, 0 / 47 % at 1.25, 0 / 63 % at 1.75.
+    reference_margin: float = 1.1
     placement_views: int = 3
     depth_scale_m: float = 0.003
     surface: bool = True  # build the nominal surface (agent.surface) when every golden view has depth
@@ -94,14 +104,23 @@ class EnrollConfig:
             raise ValueError(f"EnrollConfig: folds and surface_folds must be >= 2, got {self.folds}, {self.surface_folds}")
         if self.pseudo_parts < 1 or self.enrich_renders < 0 or self.train_iterations < 1:
             raise ValueError("EnrollConfig: pseudo_parts and train_iterations must be >= 1, enrich_renders >= 0")
-        if self.threshold_margin <= 0 or self.teach_in_margin <= 0:
-            raise ValueError(f"EnrollConfig: threshold_margin and teach_in_margin must be > 0, got {self.threshold_margin}, {self.teach_in_margin}")
+        if min(self.threshold_margin, self.teach_in_margin, self.reference_margin) <= 0:
+            raise ValueError(f"EnrollConfig: threshold_margin, teach_in_margin and reference_margin must be > 0, got "
+                             f"{self.threshold_margin}, {self.teach_in_margin}, {self.reference_margin}")  # fmt: skip
         if not 0 < self.bank_fraction <= 1:
             raise ValueError(f"EnrollConfig: bank_fraction must be in (0, 1], got {self.bank_fraction}")
 
 
 def _noop(stage: str, done: int, total: int) -> None:
     pass
+
+
+def fused_part_score(maps: Sequence[np.ndarray], frames: Sequence[Frame], voxel_size: float, rule: str) -> float:
+    """The part score of views' anomaly maps fused through each frame's own depth: the maximum of the volume."""
+    acc = VoxelAccumulator(voxel_size, rule=rule)
+    for m, f in zip(maps, frames):
+        acc.add_view(m, f.depth, f.c2w, f.intrinsics, f.name)
+    return float(acc.volume().score.max())
 
 
 def nominal_threshold(scores: Sequence[float], target_false_reject_rate: float, margin: float) -> float:
@@ -350,35 +369,79 @@ def calibrate_on_teach_in(
     known-good parts) placed in the fixture and run through the cell like any part. Each is inspected with the recipe
     as enrolled so far; the raw threshold of the path that scored it (surface when its views have depth and the recipe
     has a surface, else features) becomes the ``1 - target_false_reject_rate`` quantile of their raw part scores times
-    ``teach_in_margin``. The leave-views-out thresholds stay in ``calibration.notes``. Changes ``recipe`` in place
-    (before it is saved: the threshold is part of the recipe version)."""
+    ``teach_in_margin``. The leave-views-out thresholds stay in ``calibration.notes``.
+
+    With at least :data:`MIN_REFERENCE_PARTS` parts scored on the surface, their views become the recipe's reference
+    views (:mod:`agent.reference_views`): a view taken from the pose of a teach-in view is compared in colour with
+    those views instead of the golden surface colour. The colour scale and the part scores that set the threshold are
+    then measured leave-one-part-out (:func:`_reference_view_calibration`) and the margin is ``reference_margin``.
+    Changes ``recipe`` in place (before it is saved: the threshold is part of the recipe version)."""
     if recipe.version:
         raise ValueError(f"recipe {recipe.name} is already saved (version {recipe.version}); teach-in belongs to enrollment")
     cal = recipe.calibration
     inspector = RecipeInspector(recipe, extractor)
     surface_scores: list[float] = []
     feature_scores: list[float] = []
+    surface_parts: list[tuple[Capture, np.ndarray]] = []  # scored on the surface, with the placement found
     for i, capture in enumerate(captures):
         progress("calibration: teach-in parts", i, len(captures))
         _check_teach_in_capture(capture, recipe.settings.camera, i)
-        result, _ = inspect_capture(inspector, capture, f"teach-in-{i}")
+        result, session = inspect_capture(inspector, capture, f"teach-in-{i}")
         if result.verdict == "incomplete":
             raise ValueError(f"teach-in capture {i} has {result.n_views} views; the recipe needs at least {recipe.settings.min_views}")
         if inspector.scores_on_surface(capture.frames[0]):
             surface_scores.append(result.score * cal.surface_raw_threshold)
+            surface_parts.append((capture, session.T_world_part))
         else:
             feature_scores.append(result.score * cal.raw_threshold)
     progress("calibration: teach-in parts", len(captures), len(captures))
+    if len(surface_parts) >= MIN_REFERENCE_PARTS:
+        recipe.references = ReferenceViews.from_parts([(c.frames, T) for c, T in surface_parts], recipe.settings.camera)
+        surface_scores = _reference_view_calibration(recipe, surface_parts, progress)
     if surface_scores:
         cal.notes["surface_leave_views_out_raw_threshold"] = cal.surface_raw_threshold
-        cal.surface_raw_threshold = nominal_threshold(surface_scores, config.target_false_reject_rate, config.teach_in_margin)
+        margin = config.reference_margin if recipe.references is not None else config.teach_in_margin
+        cal.surface_raw_threshold = nominal_threshold(surface_scores, config.target_false_reject_rate, margin)
         cal.surface_teach_in_part_scores = surface_scores
     if feature_scores:
         cal.notes["leave_views_out_raw_threshold"] = cal.raw_threshold
         cal.raw_threshold = nominal_threshold(feature_scores, config.target_false_reject_rate, config.teach_in_margin)
         cal.teach_in_part_scores = feature_scores
     cal.notes["teach_in_margin"] = config.teach_in_margin
+    if recipe.references is not None:
+        cal.notes["reference_margin"] = config.reference_margin
     cal.validate()
+
+
+def _reference_view_calibration(recipe: Recipe, parts: list[tuple[Capture, np.ndarray]], progress: Progress = _noop) -> list[float]:
+    """Set the channel scales of views compared with reference views (``calibration.reference_channel_scale``) and
+    return the teach-in parts' raw part scores on that path, leave-one-part-out: each teach-in part's views are
+    compared with the other parts' views (at the placement its inspection found). A channel's scale is the median of
+    its peaks over those views (the colour's over the views some other part's view matched), at least the floors of
+    the golden views' scales (:func:`build_surface`): the same rule as there, on parts run like any part."""
+    surface, cal, s = recipe.surface, recipe.calibration, recipe.settings
+    assert surface is not None and recipe.references is not None
+    maps: list[list[np.ndarray]] = []
+    with_refs: list[list[bool]] = []
+    for i, (capture, T) in enumerate(parts):
+        progress("calibration: reference views (leave-one-part-out)", i, len(parts))
+        refs = [recipe.references.matching(f.c2w, exclude_part=i) for f in capture.frames]
+        maps.append([anomaly.surface_channel_maps(surface, f, T, r) for f, r in zip(capture.frames, refs)])
+        with_refs.append([bool(r) for r in refs])
+    progress("calibration: reference views (leave-one-part-out)", len(parts), len(parts))
+    views = [(m, ok) for part_maps, flags in zip(maps, with_refs) for m, ok in zip(part_maps, flags)]
+    if not any(ok for _, ok in views):
+        raise ValueError("reference views: no teach-in view was taken from the pose of another teach-in part's view; "
+                         "teach-in parts must be photographed from the inspection poses")  # fmt: skip
+    floors = (*anomaly.GEOMETRY_SCALE_FLOORS, anomaly.REFERENCE_COLOUR_SCALE_FLOOR)
+    cal.reference_channel_scale = [
+        max(float(np.median([m[c].max() for m, ok in views if ok or c < 2])), floors[c]) for c in range(3)
+    ]  # fmt: skip
+    scores = []
+    for (capture, _), part_maps, flags in zip(parts, maps, with_refs):
+        combined = [anomaly.combine_surface_channels(m, cal.surface_scale(ok)) for m, ok in zip(part_maps, flags)]
+        scores.append(fused_part_score(combined, capture.frames, s.voxel_size_m, s.fusion_rule))
+    return scores
 
 
 def surface_spacing(voxel_size_m: float) -> float:
@@ -411,17 +474,14 @@ def build_surface(
             maps[i] = anomaly.surface_channel_maps(fold_surface, frames[i], np.eye(4))
     progress("surface: leave-views-out", folds + 1, folds + 1)
     # each channel's typical peak on a held-out view (the median of the per-view maxima), so no channel dominates
-    floors = (0.1, 0.1, anomaly.COLOUR_SCALE_FLOOR)
+    floors = (*anomaly.GEOMETRY_SCALE_FLOORS, anomaly.COLOUR_SCALE_FLOOR)
     channel_scale = [max(float(np.median([m[c].max() for m in maps])), floors[c]) for c in range(3)]
     combined = [anomaly.combine_surface_channels(m, channel_scale) for m in maps]
     scores = []
     k = min(expected, n)
     for _ in range(config.pseudo_parts):
-        acc = VoxelAccumulator(voxel_size, rule=config.fusion_rule)
-        for i in sorted(rng.choice(n, size=k, replace=False)):
-            f = frames[i]
-            acc.add_view(combined[i], f.depth, f.c2w, f.intrinsics, f.name)
-        scores.append(float(acc.volume().score.max()))
+        pick = sorted(rng.choice(n, size=k, replace=False))
+        scores.append(fused_part_score([combined[i] for i in pick], [frames[i] for i in pick], voxel_size, config.fusion_rule))
     threshold = nominal_threshold(scores, config.target_false_reject_rate, config.threshold_margin)
     return surface, threshold, scores, channel_scale
 
@@ -482,7 +542,12 @@ class RecipeInspector:
 
 
 class PartSession:
-    """One part, fed view by view (implements :class:`agent.inspection.PartInspection`)."""
+    """One part, fed view by view (implements :class:`agent.inspection.PartInspection`).
+
+    The placement is refined over the first ``placement_views`` views, then frozen. The views scored before it was
+    frozen are scored again at the frozen placement, and only those maps are fused (their :attr:`view_results` are
+    replaced; the result :meth:`add_view` returned for them was provisional): compared with a sharp reference, a
+    placement a few tenths of a millimetre off reads as colour edges."""
 
     def __init__(self, inspector: RecipeInspector, part_id: str):
         self.inspector = inspector
@@ -493,6 +558,11 @@ class PartSession:
         self.T_world_part = np.eye(4)
         self.placement_ok = False
         self.view_results: list[ViewResult] = []
+        self._unfused: list[int] = []  # views scored at a provisional placement, fused once it is frozen
+
+    @property
+    def placement_frozen(self) -> bool:
+        return not self.inspector.refine or len(self.views) >= self.inspector.recipe.settings.placement_views
 
     def add_view(self, frame: Frame) -> ViewResult:
         t0 = time.perf_counter()
@@ -500,70 +570,87 @@ class PartSession:
             raise ContractError("no_pose", f"frame {frame.name!r} has no camera pose")
         if frame.image.shape[:2] != (frame.intrinsics.height, frame.intrinsics.width):
             raise ContractError("bad_image_size", f"frame {frame.name!r} is {frame.image.shape[1]}x{frame.image.shape[0]}, its intrinsics say {frame.intrinsics.width}x{frame.intrinsics.height}")
-        if frame.name in self.accumulator.view_ids:
+        if any(v.name == frame.name for v in self.views):
             raise ValueError(f"frame {frame.name!r} was already added to part {self.part_id!r}")
-        insp, cal = self.inspector, self.inspector.recipe.calibration
         timings: dict[str, float] = {}
         self.views.append(frame)
-        if insp.scores_on_surface(frame):
-            score_map, fusion_depth = self._surface_view(frame, insp.recipe.surface, cal.surface_raw_threshold, timings)
-        else:
-            score_map, fusion_depth = self._feature_view(frame, timings)
+        if self.inspector.refine and len(self.views) <= self.inspector.recipe.settings.placement_views:
+            t = time.perf_counter()
+            self._place(frame)
+            timings["placement"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
-        self.accumulator.add_view(score_map, fusion_depth, frame.c2w, frame.intrinsics, frame.name)
-        timings["fusion"] = (time.perf_counter() - t) * 1000
-        latency = (time.perf_counter() - t0) * 1000
-        result = ViewResult(frame.name, float(score_map.max()), latency, score_map.astype(np.float32), timings)
-        self.view_results.append(result)
+        score_map, fusion_depth = self._score(frame)
+        timings["anomaly_map"] = (time.perf_counter() - t) * 1000
+        self._unfused.append(len(self.view_results))
+        self.view_results.append(ViewResult(frame.name, float(score_map.max()), 0.0, score_map.astype(np.float32), timings))
+        if self.placement_frozen:
+            t = time.perf_counter()
+            self._fuse_unfused(score_map, fusion_depth)
+            timings["fusion"] = (time.perf_counter() - t) * 1000
+        result = self.view_results[-1]
+        result.latency_ms = (time.perf_counter() - t0) * 1000
         return result
 
-    def _surface_view(self, frame: Frame, surface: NominalSurface, raw_threshold: float, timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
-        """Surface scoring of a view with depth: ICP placement over the first ``placement_views`` views (a
-        multi-start search on the first), then the surface evidence; fused through the observed depth."""
+    def _fuse_unfused(self, last_map: np.ndarray | None = None, last_depth: np.ndarray | None = None) -> None:
+        """Fuse the views not yet fused; those scored at an earlier placement are scored again first (the last view,
+        just scored at the current one, comes as ``last_map``/``last_depth``)."""
+        for i in self._unfused:
+            frame, old = self.views[i], self.view_results[i]
+            if i == len(self.views) - 1 and last_map is not None:
+                score_map, fusion_depth = last_map, last_depth
+            else:
+                t = time.perf_counter()
+                score_map, fusion_depth = self._score(frame)
+                timings = {**old.timings_ms, "rescore": (time.perf_counter() - t) * 1000}
+                self.view_results[i] = ViewResult(old.frame_id, float(score_map.max()), old.latency_ms, score_map.astype(np.float32), timings)
+            self.accumulator.add_view(score_map, fusion_depth, frame.c2w, frame.intrinsics, frame.name)
+        self._unfused = []
+
+    def _place(self, frame: Frame) -> None:
+        """Refine the placement over the views so far: ICP against the nominal surface (views with depth: a multi-start
+        search on the first), else through the Gaussian renderer over the latest ``placement_views`` views. A failure
+        keeps the previous estimate."""
         insp = self.inspector
-        n_place = insp.recipe.settings.placement_views
-        if insp.refine and len(self.views) <= n_place:
-            t = time.perf_counter()
+        if insp.scores_on_surface(frame):
             first = not self.placement_ok
             try:
-                fit = fit_placement(surface, [v for v in self.views if v.depth is not None], init=self.T_world_part,
+                fit = fit_placement(insp.recipe.surface, [v for v in self.views if v.depth is not None], init=self.T_world_part,
                                     search_mm=3.0 if first else 0.0, search_deg=3.0 if first else 0.0)  # fmt: skip
                 self.T_world_part = planar_placement(fit.T_world_part)
                 self.placement_ok = True
-            except ValueError:  # too little depth on the part: keep the previous estimate
+            except ValueError:  # too little depth on the part
                 pass
-            timings["placement"] = (time.perf_counter() - t) * 1000
-        t = time.perf_counter()
-        maps = anomaly.surface_channel_maps(surface, frame, self.T_world_part)
-        score_map = anomaly.combine_surface_channels(maps, insp.recipe.calibration.surface_channel_scale) / raw_threshold
-        timings["anomaly_map"] = (time.perf_counter() - t) * 1000
-        return score_map, np.asarray(frame.depth, dtype=np.float32)
-
-    def _feature_view(self, frame: Frame, timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
-        """Feature scoring of a view (no depth, or a recipe without a surface): placement through the Gaussian
-        renderer, the three feature/reference/geometry channels; fused through the rendered depth."""
-        insp, cal = self.inspector, self.inspector.recipe.calibration
-        if insp.refine and len(self.views) <= insp.recipe.settings.placement_views:
-            t = time.perf_counter()
-            recent = self.views[-insp.recipe.settings.placement_views :]
+        else:
             try:
-                res = refine_placement(insp.recipe.model, recent, init=self.T_world_part, config=insp.placement)
+                res = refine_placement(insp.recipe.model, self.views[-insp.recipe.settings.placement_views :], init=self.T_world_part, config=insp.placement)
                 self.T_world_part = planar_placement(res.T_world_part)
                 self.placement_ok = True
-            except RuntimeError:  # diverged: keep the previous estimate
+            except RuntimeError:  # diverged
                 pass
-            timings["placement"] = (time.perf_counter() - t) * 1000
-        t = time.perf_counter()
+
+    def _score(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+        """The view's anomaly map on the verdict scale at the current placement, and the depth it is fused through.
+        With depth (and a recipe surface): the surface evidence, colour against the reference views from this pose
+        when the recipe has some, fused through the observed depth. Otherwise the feature/reference/geometry channels
+        against the Gaussian reference rendered at the placement, fused through the rendered depth."""
+        insp = self.inspector
+        recipe, cal = insp.recipe, insp.recipe.calibration
+        if insp.scores_on_surface(frame):
+            refs = recipe.references.matching(frame.c2w) if recipe.references is not None else []
+            maps = anomaly.surface_channel_maps(recipe.surface, frame, self.T_world_part, refs)
+            score_map = anomaly.combine_surface_channels(maps, cal.surface_scale(bool(refs))) / cal.surface_raw_threshold
+            return score_map, np.asarray(frame.depth, dtype=np.float32)
         maps, ref = insp.scorer.channels(frame, self.T_world_part)
-        score_map = anomaly.combine_channels(maps, cal.channel_offset, cal.channel_scale) / cal.raw_threshold
-        timings["anomaly_map"] = (time.perf_counter() - t) * 1000
-        return score_map, ref.depth
+        return anomaly.combine_channels(maps, cal.channel_offset, cal.channel_scale) / cal.raw_threshold, ref.depth
 
     def finalise(self) -> InspectionResult:
         t0 = time.perf_counter()
         s = self.inspector.recipe.settings
         n = len(self.views)
-        if n < s.min_views or len(self.accumulator.view_ids) == 0:
+        if n < s.min_views or n == 0:
+            return InspectionResult("incomplete", None, 1.0, [], n, None, None, (time.perf_counter() - t0) * 1000)
+        self._fuse_unfused()  # fewer views than placement_views: fused at the placement so far
+        if len(self.accumulator.view_ids) == 0:
             return InspectionResult("incomplete", None, 1.0, [], n, None, None, (time.perf_counter() - t0) * 1000)
         volume = self.accumulator.volume()
         score = float(volume.score.max()) if len(volume) else 0.0

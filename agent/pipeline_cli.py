@@ -44,6 +44,8 @@ def threshold_summary(recipe) -> str:
         scores = teach_in if teach_in else pseudo
         shown = ", ".join(f"{v / raw:.2f}" for v in sorted(scores)[-8:])
         what = f"teach-in parts ({len(scores)})" if teach_in else f"leave-views-out pseudo-parts ({len(scores)}, highest 8)"
+        if path == "surface" and recipe.references is not None:
+            what = f"teach-in parts ({len(scores)}, each against the other parts' views of {len(recipe.references)} reference views)"
         line = f"threshold ({path} path): {source}, raw {raw:.4g}; {what} on the verdict scale: {shown}"
         lvo = cal.notes.get("surface_leave_views_out_raw_threshold" if path == "surface" else "leave_views_out_raw_threshold")
         if teach_in and isinstance(lvo, (int, float)):
@@ -94,6 +96,7 @@ def recipes_show(
         "threshold": threshold_summary(recipe).splitlines(),
         "model": {"gaussians": len(recipe.model), "sh_degree": recipe.model.sh_degree},
         "memory_bank": {"rows": len(recipe.bank), "dim": recipe.bank.dim, "metadata": recipe.bank.metadata},
+        "reference_views": None if recipe.references is None else {"views": len(recipe.references), "teach_in_parts": recipe.references.parts},
     }
     if as_json:
         typer.echo(json.dumps(info, indent=2))

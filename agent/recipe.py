@@ -9,10 +9,13 @@ A recipe is a folder ``<recipes_dir>/<name>/``:
                            nominal scores it came from, the enrollment camera poses and backdrop colour
 - ``surface.npz``          optional (enrollment captures with depth): the golden part's measured surface with its
                            colour and nominal tolerances (:class:`agent.surface.NominalSurface`)
+- ``reference_views.npz``  optional (teach-in parts with depth): the teach-in parts' views, images, depth, poses and
+                           placements, the colour reference of views taken from the same poses
+                           (:class:`agent.reference_views.ReferenceViews`)
 - ``manifest.json``        ``{"files": {name: sha256}}`` of every artefact above
 
 The recipe version is ``"sha256:" + sha256(manifest.json bytes)``: it changes when any artefact changes.
-Loading reads only TOML, JSON, PLY and safetensors (nothing is unpickled), verifies every hash of the
+Loading reads only TOML, JSON, PLY, safetensors and npz without pickles (nothing is unpickled), verifies every hash of the
 manifest, and raises :class:`RecipeError` naming the file and the problem for anything tampered or malformed.
 """
 
@@ -37,6 +40,7 @@ from agent.geometry import Intrinsics, check_rigid
 from agent.memory_bank import MemoryBank
 from agent.splat.model import GaussianModel
 from agent.errors import FileProblemError
+from agent.reference_views import ReferenceViews
 from agent.surface import NominalSurface
 
 RECIPE_FILE = "recipe.toml"
@@ -45,8 +49,9 @@ BANK_FILE = "memory_bank.safetensors"
 CALIBRATION_FILE = "calibration.json"
 MANIFEST_FILE = "manifest.json"
 SURFACE_FILE = "surface.npz"
+REFERENCE_VIEWS_FILE = "reference_views.npz"
 ARTEFACTS = (RECIPE_FILE, MODEL_FILE, BANK_FILE, CALIBRATION_FILE)
-OPTIONAL_ARTEFACTS = (SURFACE_FILE,)
+OPTIONAL_ARTEFACTS = (SURFACE_FILE, REFERENCE_VIEWS_FILE)
 FORMAT_VERSION = 1
 CHANNELS = ("memory", "reference", "geometry")  # the anomaly-map channels, in calibration order
 RECIPES_ENV = "AGENT_RECIPES_DIR"
@@ -210,6 +215,17 @@ class Calibration:
     # raw_threshold (feature path) / surface_raw_threshold (surface path); empty: the threshold is leave-views-out.
     teach_in_part_scores: list[float] = field(default_factory=list)
     surface_teach_in_part_scores: list[float] = field(default_factory=list)
+    # The surface channels' scales of a view whose colour is compared with the teach-in parts' reference views
+    # (reference_views.npz) instead of the golden surface colour, measured on the teach-in parts; None: the recipe has
+    # no reference views.
+    reference_channel_scale: list[float] | None = None
+
+    def surface_scale(self, with_references: bool) -> list[float]:
+        """The surface channels' scales of a view whose colour was compared with reference views (``with_references``)
+        or with the golden surface colour."""
+        if with_references and self.reference_channel_scale is not None:
+            return list(self.reference_channel_scale)
+        return list(self.surface_channel_scale)
 
     def threshold_source(self, surface: bool) -> str:
         """Where the threshold of the surface (or feature) path came from: "teach-in" or "leave-views-out"."""
@@ -241,6 +257,11 @@ class Calibration:
                 raise ValueError(f"{name} must be finite and >= 0")
         if self.surface_teach_in_part_scores and self.surface_raw_threshold is None:
             raise ValueError("surface_teach_in_part_scores without a surface_raw_threshold")
+        if self.reference_channel_scale is not None:
+            if len(self.reference_channel_scale) != 3 or not all(math.isfinite(v) and v > 0 for v in self.reference_channel_scale):
+                raise ValueError(f"reference_channel_scale must be 3 positive values, got {self.reference_channel_scale}")
+            if not self.surface_teach_in_part_scores:
+                raise ValueError("reference_channel_scale without surface_teach_in_part_scores (reference views come from teach-in parts)")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -262,6 +283,7 @@ class Calibration:
             "surface_channel_scale": [float(v) for v in self.surface_channel_scale],
             "teach_in_part_scores": [float(v) for v in self.teach_in_part_scores],
             "surface_teach_in_part_scores": [float(v) for v in self.surface_teach_in_part_scores],
+            "reference_channel_scale": None if self.reference_channel_scale is None else [float(v) for v in self.reference_channel_scale],
         }
 
     @classmethod
@@ -293,6 +315,7 @@ class Calibration:
                 surface_channel_scale=[float(v) for v in data.get("surface_channel_scale", [1.0, 1.0, 1.0])],
                 teach_in_part_scores=[float(v) for v in data.get("teach_in_part_scores", [])],
                 surface_teach_in_part_scores=[float(v) for v in data.get("surface_teach_in_part_scores", [])],
+                reference_channel_scale=None if data.get("reference_channel_scale") is None else [float(v) for v in data["reference_channel_scale"]],
             )
             calibration.validate()
         except (TypeError, ValueError) as e:
@@ -309,6 +332,7 @@ class Recipe:
     bank: MemoryBank
     calibration: Calibration
     surface: NominalSurface | None = None
+    references: ReferenceViews | None = None  # the teach-in parts' views (agent.reference_views)
     version: str = ""
     root: Path | None = None
 
@@ -361,6 +385,9 @@ def save_recipe(recipe: Recipe, recipes_dir: str | os.PathLike, overwrite: bool 
         if recipe.surface is not None:
             recipe.surface.save(tmp / SURFACE_FILE)
             names.append(SURFACE_FILE)
+        if recipe.references is not None:
+            recipe.references.save(tmp / REFERENCE_VIEWS_FILE)
+            names.append(REFERENCE_VIEWS_FILE)
         manifest = _manifest_bytes({name: sha256_file(tmp / name) for name in names})
         (tmp / MANIFEST_FILE).write_bytes(manifest)
         if final.exists():
@@ -443,18 +470,31 @@ def load_recipe(root: str | os.PathLike) -> Recipe:
         raise RecipeError(root / BANK_FILE, str(e).removeprefix(f"{root / BANK_FILE}: ")) from None
     if bank.metadata.get("backbone") not in (None, settings.backbone):
         raise RecipeError(root / BANK_FILE, f"bank was built with {bank.metadata.get('backbone')!r}, recipe.toml says {settings.backbone!r}")
-    surface = None
-    listed = SURFACE_FILE in json.loads((root / MANIFEST_FILE).read_bytes())["files"]
-    if (root / SURFACE_FILE).exists() and not listed:
-        raise RecipeError(root / SURFACE_FILE, "file is not listed in the manifest (added after enrollment?)")
-    if listed:
-        try:
-            surface = NominalSurface.load(root / SURFACE_FILE)
-        except (ValueError, OSError) as e:
-            raise RecipeError(root / SURFACE_FILE, str(e)) from None
+    listed = json.loads((root / MANIFEST_FILE).read_bytes())["files"]
+    surface = _optional_artefact(root, SURFACE_FILE, listed, NominalSurface.load)
     if (surface is None) != (calibration.surface_raw_threshold is None):
         raise RecipeError(root / CALIBRATION_FILE, "surface_raw_threshold must be set exactly when the recipe has surface.npz")
-    return Recipe(settings, model, bank, calibration, surface, version, root)
+    references = _optional_artefact(root, REFERENCE_VIEWS_FILE, listed, ReferenceViews.load)
+    if (references is None) != (calibration.reference_channel_scale is None):
+        raise RecipeError(root / CALIBRATION_FILE, f"reference_channel_scale must be set exactly when the recipe has {REFERENCE_VIEWS_FILE}")
+    if references is not None and surface is None:
+        raise RecipeError(root / REFERENCE_VIEWS_FILE, "reference views need the nominal surface (surface.npz)")
+    if references is not None and (references.intrinsics.width, references.intrinsics.height) != (settings.camera.width, settings.camera.height):
+        raise RecipeError(root / REFERENCE_VIEWS_FILE, f"views are {references.intrinsics.width}x{references.intrinsics.height}, the recipe camera {settings.camera.width}x{settings.camera.height}")
+    return Recipe(settings, model, bank, calibration, surface, references, version, root)
+
+
+def _optional_artefact(root: Path, name: str, listed: dict[str, str], load: Callable[[Path], Any]) -> Any:
+    """An optional artefact (None when the manifest does not list it); RecipeError for a file the manifest does not
+    list (added after enrollment) or one that does not load."""
+    if (root / name).exists() and name not in listed:
+        raise RecipeError(root / name, "file is not listed in the manifest (added after enrollment?)")
+    if name not in listed:
+        return None
+    try:
+        return load(root / name)
+    except (ValueError, OSError) as e:
+        raise RecipeError(root / name, str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
+import cv2
 import numpy as np
 import scipy.ndimage
 from scipy.spatial import cKDTree
 
 from agent.capture import Frame
-from agent.geometry import backproject_depth, rotation_about_axis, transform_points
+from agent.geometry import backproject_depth, project_points, rotation_about_axis, transform_points
+from agent.reference_views import ReferenceView
 
 SURFACE_FORMAT = "edge-inspection-agent/nominal-surface"
 SURFACE_VERSION = 1
@@ -58,6 +61,8 @@ BRIGHTNESS_WEIGHT = 0.35
 # pixels finite (about the sensor noise floor, in [0, 1] units).
 SATURATED_LEVEL = 0.97
 LOG_EPS = 0.03
+# A reference view (agent.reference_views) saw a surface point when its depth there is within this of the point's.
+REFERENCE_DEPTH_AGREEMENT_M = 0.004
 
 
 @dataclass
@@ -304,9 +309,12 @@ def colour_difference(observed: np.ndarray, reference: np.ndarray, enclosure: np
     return np.maximum(chroma, brightness)
 
 
-def _raw_residuals(surface: NominalSurface, frame: Frame, T_world_part: np.ndarray, tolerances: bool = False) -> _Raw | None:
+def _raw_residuals(
+    surface: NominalSurface, frame: Frame, T_world_part: np.ndarray, tolerances: bool = False, references: Sequence[ReferenceView] = ()
+) -> _Raw | None:
     """Per-sample residuals of a posed view; the colour as what the tolerances gather (``tolerances=True``) or as
-    the log ratio inspection maps (otherwise)."""
+    the log ratio inspection maps (otherwise), against the golden surface colour or, given ``references`` (views of
+    nominal parts from the same pose), against the closest of them (:func:`_reference_log_ratio`)."""
     if frame.depth is None or frame.c2w is None:
         return None
     pw, flat = backproject_depth(frame.depth, frame.c2w, frame.intrinsics)
@@ -339,9 +347,46 @@ def _raw_residuals(surface: NominalSurface, frame: Frame, T_world_part: np.ndarr
         return _Raw(flat, q, j, extra, inside, matched, colour=colour)
     valid = matched & (observed.max(axis=1) < SATURATED_LEVEL)
     log_ratio = np.zeros((len(flat), 3))
-    log_ratio[matched] = highlight_free_log_ratio(observed[matched], gain * reference[matched])
+    if references:
+        log_ratio, seen = _reference_log_ratio(q, observed, n_world, matched, references)
+        valid &= seen
+    else:
+        log_ratio[matched] = highlight_free_log_ratio(observed[matched], gain * reference[matched])
     log_ratio[~valid] = 0.0
     return _Raw(flat, q, j, extra, inside, matched, log_ratio=log_ratio, colour_valid=valid)
+
+
+def _reference_log_ratio(
+    q: np.ndarray, observed: np.ndarray, n_world: np.ndarray, matched: np.ndarray, references: Sequence[ReferenceView]
+) -> tuple[np.ndarray, np.ndarray]:
+    """M x 3 highlight-free log colour ratio of each sample (``q``: M x 3 in the recipe frame) to the same surface point
+    in the reference view where it is closest (the smallest summed absolute log ratio), and M bool: some reference
+    saw the point (it projects into that view, in front of nothing: the view's depth there agrees within
+    :data:`REFERENCE_DEPTH_AGREEMENT_M`). Each reference's colour gets the shading correction first (its light may be
+    a little brighter or turned)."""
+    best = np.zeros((len(q), 3))
+    best_cost = np.full(len(q), np.inf)
+    for ref in references:
+        K = ref.intrinsics
+        uv, z = project_points(transform_points(ref.T_world_part, q), ref.c2w, K)
+        u, v = uv[:, 0] - 0.5, uv[:, 1] - 0.5  # pixel centres at +0.5
+        inside = np.isfinite(u) & np.isfinite(v) & (u >= 0) & (v >= 0) & (u <= K.width - 1) & (v <= K.height - 1) & (z > 0)
+        ui = np.clip(np.round(np.nan_to_num(u)).astype(np.int64), 0, K.width - 1)
+        vi = np.clip(np.round(np.nan_to_num(v)).astype(np.int64), 0, K.height - 1)
+        d = ref.depth[vi, ui]
+        seen = matched & inside & (d > 0) & (np.abs(d - z) < REFERENCE_DEPTH_AGREEMENT_M)
+        if seen.sum() < 16:
+            continue
+        mx, my = np.nan_to_num(u).astype(np.float32).reshape(-1, 1), np.nan_to_num(v).astype(np.float32).reshape(-1, 1)
+        colour = cv2.remap(np.asarray(ref.image, dtype=np.float32) / 255.0, mx, my, cv2.INTER_LINEAR).reshape(-1, 3)[seen].astype(np.float64)
+        gain = _shading_correction(n_world[seen], observed[seen], colour)
+        ratio = highlight_free_log_ratio(observed[seen], gain * colour)
+        cost = np.abs(ratio).sum(axis=1)
+        idx = np.flatnonzero(seen)
+        better = cost < best_cost[idx]
+        best[idx[better]] = ratio[better]
+        best_cost[idx[better]] = cost[better]
+    return best, np.isfinite(best_cost)
 
 
 def highlight_free_log_ratio(observed: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -407,14 +452,21 @@ class SurfaceResiduals:
 
 
 def surface_residuals(
-    surface: NominalSurface, frame: Frame, T_world_part: np.ndarray, colour_sigma_px: float = 2.5, colour_baseline_px: float = 10.0
+    surface: NominalSurface,
+    frame: Frame,
+    T_world_part: np.ndarray,
+    colour_sigma_px: float = 2.5,
+    colour_baseline_px: float = 10.0,
+    references: Sequence[ReferenceView] = (),
 ) -> SurfaceResiduals:
     """The three evidence maps of one posed view with depth (see the module docstring); the colour map is
-    :func:`colour_contrast` at ``colour_sigma_px`` / ``colour_baseline_px``."""
+    :func:`colour_contrast` at ``colour_sigma_px`` / ``colour_baseline_px`` of the log ratio to the golden surface
+    colour or, given ``references`` (nominal parts' views from this view's pose, :mod:`agent.reference_views`), to
+    the closest of them; pixels no reference saw are not measured."""
     H, W = frame.intrinsics.height, frame.intrinsics.width
     extra, inside = np.zeros(H * W, np.float32), np.zeros(H * W, np.float32)
     log_ratio, valid = np.zeros((3, H * W), np.float32), np.zeros(H * W, bool)
-    raw = _raw_residuals(surface, frame, T_world_part)
+    raw = _raw_residuals(surface, frame, T_world_part, references=references)
     observed = np.zeros(H * W, bool)
     if raw is not None:
         gtol = surface.geometry_tol[raw.nearest]

@@ -115,21 +115,24 @@ def test_inspection_output_files(cell_data, recipe, tmp_path):
 
 @pytest.mark.slow
 def test_teach_in_sets_the_threshold_from_nominal_parts_inspected_like_parts(cell_data, recipe, teach_in_parts, tmp_path):
+    """One teach-in part: no reference views (they need two); the threshold is its part score times teach_in_margin."""
     from agent.pipeline import EnrollConfig, RecipeInspector, calibrate_on_teach_in, inspect_capture
     from agent.pipeline_cli import threshold_summary
     from agent.recipe import load_recipe, save_recipe
 
     config = EnrollConfig(model_mode="fast", expected_views=6, teach_in_margin=1.5)
+    parts = teach_in_parts[:1]
     with pytest.raises(ValueError, match="already saved"):
-        calibrate_on_teach_in(recipe, teach_in_parts, config)
+        calibrate_on_teach_in(recipe, parts, config)
     before = recipe.calibration.surface_raw_threshold
     inspector = RecipeInspector(recipe)
-    raw = [inspect_capture(inspector, part, f"t{i}")[0].score * before for i, part in enumerate(teach_in_parts)]
+    raw = [inspect_capture(inspector, part, f"t{i}")[0].score * before for i, part in enumerate(parts)]
 
     unsaved = load_recipe(recipe.root)
     unsaved.version = ""
-    calibrate_on_teach_in(unsaved, teach_in_parts, config)
+    calibrate_on_teach_in(unsaved, parts, config)
     cal = unsaved.calibration
+    assert unsaved.references is None and cal.reference_channel_scale is None
     assert cal.surface_teach_in_part_scores == pytest.approx(raw, rel=1e-5)
     assert cal.surface_raw_threshold == pytest.approx(np.quantile(raw, 0.99) * 1.5, rel=1e-5)
     assert cal.notes["surface_leave_views_out_raw_threshold"] == before
@@ -139,15 +142,51 @@ def test_teach_in_sets_the_threshold_from_nominal_parts_inspected_like_parts(cel
     loaded = load_recipe(save_recipe(unsaved, tmp_path))
     assert loaded.version != recipe.version
     summary = threshold_summary(loaded).splitlines()
-    assert summary[0].startswith("threshold (surface path): teach-in, raw ") and "teach-in parts (2)" in summary[0]
+    assert summary[0].startswith("threshold (surface path): teach-in, raw ") and "teach-in parts (1)" in summary[0]
     assert f"was {before / cal.surface_raw_threshold:.2f}x this" in summary[0]
     assert loaded.calibration.surface_teach_in_part_scores == pytest.approx(raw, rel=1e-5)
     inspector = RecipeInspector(loaded)
-    scores = [inspect_capture(inspector, part, f"t{i}")[0].score for i, part in enumerate(teach_in_parts)]
+    scores = [inspect_capture(inspector, part, f"t{i}")[0].score for i, part in enumerate(parts)]
     assert max(scores) == pytest.approx(max(raw) / cal.surface_raw_threshold, rel=1e-4) and max(scores) < 1 / 1.5 + 1e-3
     _, good, bad, _ = cell_data
     assert inspect_capture(inspector, good, "good")[0].verdict == "pass"
     assert inspect_capture(inspector, bad, "bad")[0].verdict == "fail"
+
+
+@pytest.mark.slow
+def test_two_teach_in_parts_become_reference_views_calibrated_leaving_one_part_out(cell_data, recipe, teach_in_parts, tmp_path):
+    from agent.pipeline import EnrollConfig, RecipeInspector, calibrate_on_teach_in, inspect_capture
+    from agent.recipe import load_recipe, save_recipe
+    from agent.reference_views import ReferenceViews
+
+    config = EnrollConfig(model_mode="fast", expected_views=6, reference_margin=1.2)
+    unsaved = load_recipe(recipe.root)
+    unsaved.version = ""
+    calibrate_on_teach_in(unsaved, teach_in_parts, config)
+    refs, cal = unsaved.references, unsaved.calibration
+    assert refs is not None and refs.parts == 2 and len(refs) == sum(len(p.frames) for p in teach_in_parts)
+    assert cal.reference_channel_scale is not None and cal.notes["reference_margin"] == 1.2
+    assert cal.surface_raw_threshold == pytest.approx(np.quantile(cal.surface_teach_in_part_scores, 0.99) * 1.2, rel=1e-5)
+    # Each teach-in part's score is its score as a part inspected against the other part's views alone.
+    for i, part in enumerate(teach_in_parts):
+        other = refs.part != i
+        alone = copy.copy(unsaved)
+        alone.references = ReferenceViews(refs.images[other], refs.depth[other], refs.c2w[other], refs.T_world_part[other],
+                                          refs.part[other], refs.intrinsics)  # fmt: skip
+        result, session = inspect_capture(RecipeInspector(alone), part, f"loo{i}")
+        assert result.score * cal.surface_raw_threshold == pytest.approx(cal.surface_teach_in_part_scores[i], rel=1e-4)
+        assert all(r.timings_ms.get("rescore") for r in session.view_results[: recipe.settings.placement_views - 1])
+    loaded = load_recipe(save_recipe(unsaved, tmp_path))
+    np.testing.assert_array_equal(loaded.references.images, refs.images)
+    assert loaded.calibration.reference_channel_scale == pytest.approx(cal.reference_channel_scale)
+    inspector = RecipeInspector(loaded)
+    # against both parts' views (its own among them: colour evidence 0) a teach-in part passes; not necessarily below
+    # 1 / margin, as the visibility-weighted top-k fusion is not monotone in the views' scores
+    assert max(inspect_capture(inspector, part, f"t{i}")[0].score for i, part in enumerate(teach_in_parts)) < 1.0
+    _, good, bad, centre = cell_data
+    assert inspect_capture(inspector, good, "good")[0].verdict == "pass"
+    result, _ = inspect_capture(inspector, bad, "bad")
+    assert result.verdict == "fail" and np.linalg.norm(np.asarray(result.defects[0].centroid) - centre) < 0.01
 
 
 def test_enroll_rejects_a_bad_teach_in_capture_before_the_long_steps(cell_data, teach_in_parts):

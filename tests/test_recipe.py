@@ -220,3 +220,52 @@ def test_surface_threshold_without_surface_is_rejected(tmp_path):
     root = save_recipe(recipe, tmp_path)
     with pytest.raises(RecipeError, match="surface_raw_threshold"):
         load_recipe(root)
+
+
+def _with_references(recipe: Recipe) -> Recipe:
+    from agent.reference_views import ReferenceViews
+
+    recipe = _with_surface(recipe)
+    K = recipe.settings.camera
+    n = 4
+    poses = np.stack([look_at(np.array([0.5, 0.1 * (i % 2), 0.3]), np.zeros(3)) for i in range(n)])
+    recipe.references = ReferenceViews(np.full((n, K.height, K.width, 3), 128, np.uint8), np.full((n, K.height, K.width), 0.5, np.float32),
+                                       poses, np.tile(np.eye(4), (n, 1, 1)), np.array([0, 0, 1, 1]), K)  # fmt: skip
+    recipe.calibration.surface_teach_in_part_scores = [1.0, 1.25]
+    recipe.calibration.reference_channel_scale = [0.2, 0.15, 0.05]
+    return recipe
+
+
+def test_reference_views_round_trip_and_rejections(tmp_path):
+    from agent.recipe import REFERENCE_VIEWS_FILE
+
+    recipe = _with_references(make_recipe())
+    loaded = load_recipe(save_recipe(recipe, tmp_path))
+    np.testing.assert_array_equal(loaded.references.images, recipe.references.images)
+    assert loaded.calibration.reference_channel_scale == pytest.approx([0.2, 0.15, 0.05])
+    assert loaded.calibration.surface_scale(True) == pytest.approx([0.2, 0.15, 0.05])
+    assert loaded.calibration.surface_scale(False) == loaded.calibration.surface_channel_scale
+    from agent.pipeline_cli import recipes_app
+
+    result = CliRunner().invoke(recipes_app, ["show", "bracket", "--recipes-dir", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["reference_views"] == {"views": 4, "teach_in_parts": 2}
+    # the views without the scale that goes with them, and the scale without the views
+    no_scale = _with_references(make_recipe("noscale"))
+    no_scale.calibration.reference_channel_scale = None
+    with pytest.raises(RecipeError, match="reference_channel_scale must be set exactly"):
+        load_recipe(save_recipe(no_scale, tmp_path))
+    no_views = _with_references(make_recipe("noviews"))
+    no_views.references = None
+    with pytest.raises(RecipeError, match="reference_channel_scale must be set exactly"):
+        load_recipe(save_recipe(no_views, tmp_path))
+    # a reference views file slipped in after enrollment, and a tampered one
+    plain = save_recipe(_with_surface(make_recipe("plain")), tmp_path)
+    (plain / REFERENCE_VIEWS_FILE).write_bytes((tmp_path / "bracket" / REFERENCE_VIEWS_FILE).read_bytes())
+    with pytest.raises(RecipeError, match="not listed in the manifest"):
+        load_recipe(plain)
+    data = bytearray((tmp_path / "bracket" / REFERENCE_VIEWS_FILE).read_bytes())
+    data[-30] ^= 0xFF
+    (tmp_path / "bracket" / REFERENCE_VIEWS_FILE).write_bytes(bytes(data))
+    with pytest.raises(RecipeError, match="sha256"):
+        load_recipe(tmp_path / "bracket")

@@ -1,0 +1,107 @@
+"""Reference views (the teach-in parts' views from the inspection poses): matching by pose, the file, and the colour
+evidence against them."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from agent.geometry import Intrinsics, backproject_depth, look_at, rotation_about_axis
+from agent.reference_views import MATCH_DEG, MATCH_MM, ReferenceViews
+
+K = Intrinsics(20.0, 20.0, 8.0, 8.0, 16, 16)
+
+
+def _views(parts: int = 3, poses=None) -> ReferenceViews:
+    poses = poses or [look_at(np.array([0.5, 0.0, 0.3]), np.zeros(3)), look_at(np.array([0.0, 0.5, 0.3]), np.zeros(3))]
+    rng = np.random.default_rng(0)
+    n = parts * len(poses)
+    T = np.tile(np.eye(4), (n, 1, 1))
+    T[:, 0, 3] = np.repeat(np.arange(parts) * 0.001, len(poses))
+    return ReferenceViews(rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8), np.full((n, 16, 16), 0.5, np.float32),
+                          np.stack(poses * parts), T, np.repeat(np.arange(parts), len(poses)), K)  # fmt: skip
+
+
+def test_matching_finds_one_view_per_part_from_the_same_pose_only():
+    refs = _views()
+    pose = refs.c2w[1]
+    found = refs.matching(pose)
+    assert sorted(v.part for v in found) == [0, 1, 2]
+    assert all(np.allclose(v.c2w, pose) for v in found)
+    assert sorted(v.part for v in refs.matching(pose, exclude_part=1)) == [0, 2]
+    moved = pose.copy()
+    moved[:3, 3] += np.array([0.0, 0.0, 1.5 * MATCH_MM / 1000.0])
+    assert refs.matching(moved) == []
+    turned = pose.copy()
+    turned[:3, :3] = rotation_about_axis(np.array([0.0, 0.0, 1.0]), np.radians(1.5 * MATCH_DEG)) @ pose[:3, :3]
+    assert refs.matching(turned) == []
+    near = pose.copy()
+    near[:3, 3] += np.array([0.0, 0.0, 0.5 * MATCH_MM / 1000.0])
+    assert len(refs.matching(near)) == 3
+
+
+def test_save_load_round_trip_and_malformed_files(tmp_path):
+    refs = _views()
+    refs.save(tmp_path / "r.npz")
+    back = ReferenceViews.load(tmp_path / "r.npz")
+    np.testing.assert_array_equal(back.images, refs.images)
+    np.testing.assert_array_equal(back.part, refs.part)
+    assert back.intrinsics == refs.intrinsics and back.parts == 3 and len(back) == 6
+    np.savez(tmp_path / "bad.npz", format=np.array("something else"))
+    with pytest.raises(ValueError, match="not a reference views file"):
+        ReferenceViews.load(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="depth must be"):
+        ReferenceViews(refs.images, -refs.depth, refs.c2w, refs.T_world_part, refs.part, K)
+    scaled = refs.T_world_part.copy()
+    scaled[0, :3, :3] *= 2.0
+    with pytest.raises(ValueError, match="reference view 0 T_world_part"):
+        ReferenceViews(refs.images, refs.depth, refs.c2w, scaled, refs.part, K)
+    with pytest.raises(ValueError, match="images must be"):
+        ReferenceViews(refs.images[:, :8], refs.depth, refs.c2w, refs.T_world_part, refs.part, K)
+
+
+@pytest.fixture(scope="module")
+def stool_scene():
+    from agent.sim import SimConfig, enrollment_poses, inspection_poses, simulate_part
+    from agent.surface import build_nominal_surface
+
+    config = SimConfig(width=128, height=128, enroll_views=18, n_views=4, light_variation=0.05, jitter_mm=2.0, jitter_deg=2.0,
+                       surface_points=5_000)  # fmt: skip
+    rng = np.random.default_rng(5)
+    golden = simulate_part("stool", None, enrollment_poses("stool", config), config, rng, jitter=False)
+    poses = inspection_poses("stool", config)
+    a = simulate_part("stool", None, poses, config, rng)
+    b = simulate_part("stool", None, poses, config, rng)
+    f = golden.frames[0]
+    surface = build_nominal_surface(golden.frames, float(np.median(f.depth[f.depth > 0]) / f.intrinsics.fx))
+    return surface, a, b
+
+
+def test_paint_stands_out_more_against_a_reference_view_than_against_the_golden_colour(stool_scene):
+    from agent.anomaly import surface_channel_maps
+    from agent.surface import fit_placement
+
+    surface, a, b = stool_scene
+    Ta = fit_placement(surface, a.frames).T_world_part
+    Tb = fit_placement(surface, b.frames).T_world_part
+    refs = ReferenceViews.from_parts([(a.frames, Ta)], a.frames[0].intrinsics)
+    f = b.frames[0]
+    matched = refs.matching(f.c2w)
+    assert len(matched) == 1 and matched[0].part == 0
+    # a blue blob of paint on the seat
+    painted = copy.deepcopy(f)
+    points, pixel = backproject_depth(painted.depth, painted.c2w, painted.intrinsics)
+    top = points[:, 2] > np.percentile(points[:, 2], 90)
+    centre = points[top][np.argmin(np.linalg.norm(points[top, :2] - np.median(points[top, :2], axis=0), axis=1))]
+    blob = pixel[np.linalg.norm(points - centre, axis=1) < 0.025]
+    painted.image.reshape(-1, 3)[blob] = (20, 60, 230)
+    mask = np.zeros(painted.depth.shape, bool)
+    mask.reshape(-1)[blob] = True
+    # stands out more against another nominal part's view from the same pose than against the golden surface colour
+    contrast = {}
+    for name, refs_used in (("golden", []), ("reference", matched)):
+        colour = surface_channel_maps(surface, painted, Tb, refs_used)[2]
+        contrast[name] = colour[mask].max() / colour[~mask].max()
+    assert contrast["reference"] > max(3.0, contrast["golden"]), contrast
