@@ -45,7 +45,7 @@ def threshold_summary(recipe) -> str:
         shown = ", ".join(f"{v / raw:.2f}" for v in sorted(scores)[-8:])
         what = f"teach-in parts ({len(scores)})" if teach_in else f"leave-views-out pseudo-parts ({len(scores)}, highest 8)"
         if path == "surface" and recipe.references is not None:
-            what = f"teach-in parts ({len(scores)}, each against the other parts' views of {len(recipe.references)} reference views)"
+            what = f"teach-in parts ({len(scores)}, each scored against the other parts' views; {len(recipe.references)} reference views)"
         line = f"threshold ({path} path): {source}, raw {raw:.4g}; {what} on the verdict scale: {shown}"
         lvo = cal.notes.get("surface_leave_views_out_raw_threshold" if path == "surface" else "leave_views_out_raw_threshold")
         if teach_in and isinstance(lvo, (int, float)):
