@@ -545,7 +545,7 @@ class PartSession:
     """One part, fed view by view (implements :class:`agent.inspection.PartInspection`).
 
     The placement is refined over the first ``placement_views`` views, then frozen. The views scored before it was
-    frozen are scored again at the frozen placement, and only those maps are fused (their :attr:`view_results` are
+    frozen are scored again at the frozen placement (when it moved since), and only those maps are fused (their :attr:`view_results` are
     replaced; the result :meth:`add_view` returned for them was provisional): compared with a sharp reference, a
     placement a few tenths of a millimetre off reads as colour edges."""
 
@@ -558,7 +558,9 @@ class PartSession:
         self.T_world_part = np.eye(4)
         self.placement_ok = False
         self.view_results: list[ViewResult] = []
-        self._unfused: list[int] = []  # views scored at a provisional placement, fused once it is frozen
+        # views not yet fused: (index, the placement it was scored at, its map, the depth to fuse it through); fused
+        # once the placement is frozen
+        self._unfused: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
 
     @property
     def placement_frozen(self) -> bool:
@@ -581,24 +583,21 @@ class PartSession:
         t = time.perf_counter()
         score_map, fusion_depth = self._score(frame)
         timings["anomaly_map"] = (time.perf_counter() - t) * 1000
-        self._unfused.append(len(self.view_results))
+        self._unfused.append((len(self.view_results), self.T_world_part.copy(), score_map, fusion_depth))
         self.view_results.append(ViewResult(frame.name, float(score_map.max()), 0.0, score_map.astype(np.float32), timings))
         if self.placement_frozen:
             t = time.perf_counter()
-            self._fuse_unfused(score_map, fusion_depth)
+            self._fuse_unfused()
             timings["fusion"] = (time.perf_counter() - t) * 1000
         result = self.view_results[-1]
         result.latency_ms = (time.perf_counter() - t0) * 1000
         return result
 
-    def _fuse_unfused(self, last_map: np.ndarray | None = None, last_depth: np.ndarray | None = None) -> None:
-        """Fuse the views not yet fused; those scored at an earlier placement are scored again first (the last view,
-        just scored at the current one, comes as ``last_map``/``last_depth``)."""
-        for i in self._unfused:
+    def _fuse_unfused(self) -> None:
+        """Fuse the views not yet fused; those scored at another placement than the current one are scored again first."""
+        for i, T_scored, score_map, fusion_depth in self._unfused:
             frame, old = self.views[i], self.view_results[i]
-            if i == len(self.views) - 1 and last_map is not None:
-                score_map, fusion_depth = last_map, last_depth
-            else:
+            if not np.array_equal(T_scored, self.T_world_part):
                 t = time.perf_counter()
                 score_map, fusion_depth = self._score(frame)
                 timings = {**old.timings_ms, "rescore": (time.perf_counter() - t) * 1000}

@@ -338,19 +338,20 @@ def _raw_residuals(
     facing = np.einsum("ij,ij->i", n, camera[None, :] - q) > 0
     inside = np.where(matched & facing, np.maximum(-signed, 0.0), 0.0)
     observed = np.asarray(frame.image).reshape(-1, 3)[flat].astype(np.float64) / 255.0
-    reference = surface.colour[j].astype(np.float64)
     n_world = n @ np.asarray(T_world_part, dtype=np.float64)[:3, :3].T
-    gain = _shading_correction(n_world[matched], observed[matched], reference[matched]) if matched.sum() >= 16 else np.ones((int(matched.sum()), 3))
+    if tolerances or not references:  # compared with the golden surface colour
+        reference = surface.colour[j].astype(np.float64)
+        gain = _shading_correction(n_world[matched], observed[matched], reference[matched]) if matched.sum() >= 16 else np.ones((int(matched.sum()), 3))
     if tolerances:
         colour = np.zeros(len(flat))
         colour[matched] = colour_difference(observed[matched], gain * reference[matched], surface.enclosure[j[matched]])
         return _Raw(flat, q, j, extra, inside, matched, colour=colour)
     valid = matched & (observed.max(axis=1) < SATURATED_LEVEL)
-    log_ratio = np.zeros((len(flat), 3))
     if references:
         log_ratio, seen = _reference_log_ratio(q, observed, n_world, matched, references)
         valid &= seen
     else:
+        log_ratio = np.zeros((len(flat), 3))
         log_ratio[matched] = highlight_free_log_ratio(observed[matched], gain * reference[matched])
     log_ratio[~valid] = 0.0
     return _Raw(flat, q, j, extra, inside, matched, log_ratio=log_ratio, colour_valid=valid)
