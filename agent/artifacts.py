@@ -139,6 +139,20 @@ def write_view_artifacts(layout: PartArtifactLayout, frame_id: str, image: np.nd
     write_rgb(layout.map_png(frame_id), map_overlay(image, anomaly_map))
 
 
+def write_revised_maps(layout: PartArtifactLayout, views: Sequence) -> None:
+    """Replace maps/<frame>.npy and .png of views the inspection scored again (``views``: their final ViewResults),
+    the overlay drawn on the view's stored views/<frame>.jpg. A view without a map or without its stored image is
+    skipped (its first map was not written either)."""
+    from agent.capture import read_rgb, write_rgb
+
+    for v in views:
+        jpg = layout.view_jpg(v.frame_id)
+        if v.anomaly_map is None or not jpg.is_file():
+            continue
+        np.save(layout.map_npy(v.frame_id), np.asarray(v.anomaly_map, dtype=np.float32))
+        write_rgb(layout.map_png(v.frame_id), map_overlay(read_rgb(jpg), v.anomaly_map))
+
+
 def write_verdict_artifacts(layout: PartArtifactLayout, verdict: Verdict, volume: object | None) -> None:
     """verdict.json and, when there is one, anomaly_volume.npz (an existing volume is kept when ``volume`` is None)."""
     from agent.capture import write_json
@@ -267,6 +281,9 @@ class ArtifactWriter:
         layout = self.part_layout(event.cell, event.verdict.part_id)
         verdict = event.verdict
         volume = event.result.volume if event.result is not None else None
+        revised = list(event.result.revised_views) if event.result is not None else []
+        if revised:  # queued after the views' own jobs (one worker, in order), so they replace what those wrote
+            self._submit(f"revised maps {event.cell}/{verdict.part_id}", lambda: write_revised_maps(layout, revised))
         self._submit(f"verdict {event.cell}/{verdict.part_id}", lambda: write_verdict_artifacts(layout, verdict, volume))
 
     # the worker

@@ -42,6 +42,10 @@ class InspectionResult:
     placement_rotation_deg: float | None
     finalise_ms: float
     volume: object | None = None  # agent.fusion.SparseVolume when available
+    # Views whose result changed after ``add_view`` returned it (the inspection scored them again, e.g. at the
+    # placement it settled on): their final score and map, in view order. The service stores these and rewrites
+    # their artifacts before it stores the verdict; the progress messages already sent stay as they were.
+    revised_views: list[ViewResult] = field(default_factory=list)
 
 
 class PartInspection(Protocol):

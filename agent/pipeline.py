@@ -546,8 +546,8 @@ class PartSession:
 
     The placement is refined over the first ``placement_views`` views, then frozen. The views scored before it was
     frozen are scored again at the frozen placement (when it moved since), and only those maps are fused (their :attr:`view_results` are
-    replaced; the result :meth:`add_view` returned for them was provisional): compared with a sharp reference, a
-    placement a few tenths of a millimetre off reads as colour edges."""
+    replaced and :meth:`finalise` reports them as ``revised_views``; the result :meth:`add_view` returned for them was
+    provisional): compared with a sharp reference, a placement a few tenths of a millimetre off reads as colour edges."""
 
     def __init__(self, inspector: RecipeInspector, part_id: str):
         self.inspector = inspector
@@ -561,6 +561,7 @@ class PartSession:
         # views not yet fused: (index, the placement it was scored at, its map, the depth to fuse it through); fused
         # once the placement is frozen
         self._unfused: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._revised: set[int] = set()  # views whose result changed after add_view returned it
 
     @property
     def placement_frozen(self) -> bool:
@@ -602,6 +603,7 @@ class PartSession:
                 score_map, fusion_depth = self._score(frame)
                 timings = {**old.timings_ms, "rescore": (time.perf_counter() - t) * 1000}
                 self.view_results[i] = ViewResult(old.frame_id, float(score_map.max()), old.latency_ms, score_map.astype(np.float32), timings)
+                self._revised.add(i)  # add_view returned it already (the view being added is scored at the current placement)
             self.accumulator.add_view(score_map, fusion_depth, frame.c2w, frame.intrinsics, frame.name)
         self._unfused = []
 
@@ -665,6 +667,7 @@ class PartSession:
             placement_rotation_deg=rotation_angle_deg(T[:3, :3]),
             finalise_ms=(time.perf_counter() - t0) * 1000,
             volume=volume,
+            revised_views=[self.view_results[i] for i in sorted(self._revised)],
         )
 
 

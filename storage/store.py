@@ -339,6 +339,23 @@ class ResultStore:
 
         return self._idempotent(work, exists)
 
+    def revise_view(self, cell: str, part_id: str, view: ViewResult) -> bool:
+        """Replace a recorded view's score and stage timings with the inspection's final ones (it scored the view again,
+        at the placement it settled on). The latency, pose and map path stay. False when the view was never recorded."""
+        score = _finite(view.view_score, "view_score")
+        timings = _timings_json(view.timings_ms, "timings_ms")
+
+        def work(session: Session) -> bool:
+            part = self._part(session, cell, part_id)
+            row = None if part is None else session.scalars(select(View).where(View.part_pk == part.id, View.frame_id == view.frame_id)).one_or_none()
+            if row is None:
+                return False
+            row.view_score = score
+            row.timings = timings
+            return True
+
+        return self._write(work)
+
     def record_verdict(self, cell: str, verdict: Verdict, *, created_ts: float | None = None, reason: str | None = None) -> bool:
         """Store a part's verdict and finish the part; returns after the commit.
 

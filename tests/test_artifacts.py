@@ -265,3 +265,51 @@ def test_the_service_writes_artifacts_and_records_the_map_paths(store, tmp_path)
     assert np.load(root / "maps" / "f1.npy").max() == 2.0
     part = store.get_part("p1", cell_id)
     assert sorted(v.anomaly_map_path for v in part.views) == [str(root / "maps" / "f0.npy"), str(root / "maps" / "f1.npy")]
+
+
+class RevisingRedPart(MappedRedPart):
+    """Scores its first view again at finalise (as a part session does once the placement froze): a revised map."""
+
+    def finalise(self):
+        revised = ViewResult(self.frames[0].name, 3.0, 1.0, np.full(self.frames[0].image.shape[:2], 3.0, np.float32), {"rescore": 5.0})
+        return dataclasses.replace(super().finalise(), revised_views=[revised])
+
+
+@dataclasses.dataclass
+class RevisingRedInspector(RedPixelInspector):
+    def start_part(self, part_id):
+        part = RevisingRedPart(self, part_id)
+        self.parts[part_id] = part
+        return part
+
+
+@pytest.mark.mqtt
+def test_the_service_stores_and_writes_the_revised_views(store, tmp_path):
+    from agent.service import CellConfig, InspectionService, MqttConfig, ServiceConfig
+    from test_service_doubles import Cell, ServiceThread, factory_for, forget_sessions, unique_cell
+
+    cell_id = unique_cell("rev")
+    config = ServiceConfig(cells=(CellConfig(cell_id),), mqtt=MqttConfig(client_id=f"agent-{cell_id}", reconnect_min_s=0.1), metrics_port=None, recipes_dir=tmp_path)
+    inspector = RevisingRedInspector(retain=True)
+    writer = ArtifactWriter(tmp_path / "art")
+    service = InspectionService(config, factory_for(inspector), store, recipe_names=lambda: [inspector.name], observers=[writer])
+    cell = Cell(cell_id)
+    try:
+        with ServiceThread(service):
+            cell.start("p1", expected_views=2)
+            t = time.time()
+            cell.frame("p1", "f0", t, c2w=c2w_at(0))
+            cell.frame("p1", "f1", t + 0.1, c2w=c2w_at(0.1))
+            progress = [p.view_score for p in cell.wait_for("progress", count=2)]
+            assert cell.wait_for("verdict")[0].verdict == "pass"  # the double's verdict; the revision is about the views
+        writer.close()
+    finally:
+        cell.close()
+        forget_sessions([f"agent-{cell_id}.{cell_id}"])
+    assert progress == [0.0, 0.0]  # progress went out as the views were scored
+    root = tmp_path / "art" / cell_id / "p1"
+    assert np.load(root / "maps" / "f0.npy").max() == 3.0 and np.load(root / "maps" / "f1.npy").max() == 0.0
+    assert cv2.imread(str(root / "maps" / "f0.png")) is not None
+    views = {v.frame_id: v for v in store.get_part("p1", cell_id).views}
+    assert views["f0"].view_score == 3.0 and views["f0"].timings_ms == {"rescore": 5.0}
+    assert views["f1"].view_score == 0.0 and views["f0"].anomaly_map_path == str(root / "maps" / "f0.npy")

@@ -176,6 +176,10 @@ def test_two_teach_in_parts_become_reference_views_calibrated_leaving_one_part_o
         result, session = inspect_capture(RecipeInspector(alone), part, f"loo{i}")
         assert result.score * cal.surface_raw_threshold == pytest.approx(cal.surface_teach_in_part_scores[i], rel=1e-4)
         assert all(r.timings_ms.get("rescore") for r in session.view_results[: recipe.settings.placement_views - 1])
+        # the re-scored views come back as revised (what the service stores and writes instead of the provisional maps)
+        revised = [r for r in session.view_results if "rescore" in r.timings_ms]
+        assert [r.frame_id for r in result.revised_views] == [r.frame_id for r in revised]
+        assert all(a is b for a, b in zip(result.revised_views, revised))
     loaded = load_recipe(save_recipe(unsaved, tmp_path))
     np.testing.assert_array_equal(loaded.references.images, refs.images)
     assert loaded.calibration.reference_channel_scale == pytest.approx(cal.reference_channel_scale)

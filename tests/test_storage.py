@@ -199,6 +199,21 @@ def test_record_view_is_idempotent(store):
     assert v.timings_ms == {"placement": 90.0, "features": 60.0}
 
 
+def test_revise_view_replaces_the_score_and_timings_only(store):
+    store.start_part("cell-1", "p-0001", "stool", ts=1000.0)
+    store.record_view("cell-1", "p-0001", view("7", 0.3), camera_id="cam0", ts=1001.0, c2w=np.eye(4), anomaly_map_path="/maps/7.npy")
+    final = ViewResult("7", 0.8, 5.0, None, {"placement": 90.0, "rescore": 70.0})
+    assert store.revise_view("cell-1", "p-0001", final)
+    v = store.get_part("p-0001", "cell-1").views[0]
+    assert (v.view_score, v.timings_ms) == (0.8, {"placement": 90.0, "rescore": 70.0})
+    assert (v.ts, v.latency_ms, v.anomaly_map_path) == (1001.0, view("7").latency_ms, "/maps/7.npy")
+    assert not store.revise_view("cell-1", "p-0001", ViewResult("8", 0.1, 1.0))  # never recorded
+    assert not store.revise_view("cell-1", "ghost", final)
+    with pytest.raises(ValueError, match="view_score must be finite"):
+        store.revise_view("cell-1", "p-0001", ViewResult("7", float("inf"), 1.0))
+    assert store.get_part("p-0001", "cell-1").views[0].view_score == 0.8
+
+
 def test_bad_values_are_refused_with_the_field_named(store):
     store.start_part("cell-1", "p-0001", "stool", ts=1000.0)
     with pytest.raises(ValueError, match="view_score must be finite"):

@@ -23,6 +23,8 @@ class ResultStore(Protocol):
 
     def record_view(self, cell: str, part_id: str, view: ViewResult, *, camera_id: str, ts: float, c2w: Any, anomaly_map_path: str | Path | None = None) -> bool: ...
 
+    def revise_view(self, cell: str, part_id: str, view: ViewResult) -> bool: ...  # the view's final score (scored again)
+
     def record_verdict(self, cell: str, verdict: Verdict, *, reason: str | None = None) -> bool: ...  # reason: why it is incomplete
 
     def record_error(self, cell: str, error: ErrorMessage, *, payload: bytes | str | None = None) -> None: ...
