@@ -646,10 +646,10 @@ class InspectionService:
                 await self._reject(part.cell, f"inspect/{part.cell}/part/end", b"", ContractError("internal", f"finalising part {part.part_id!r} failed: {type(e).__name__}: {e}"), part_id=part.part_id)
                 reason = f"internal error while finalising: {e}"
                 result = InspectionResult("incomplete", None, 1.0, [], part.views_ok, None, None, 0.0)
-            for v in result.revised_views:  # views scored again (at the final placement): their final score, before the verdict
-                revised = ViewResult(v.frame_id, float(v.view_score), v.latency_ms, None, dict(v.timings_ms))
-                await self._store_call(self.store.revise_view, cell=part.cell, part_id=part.part_id, view=revised)
         finalise_ms = (time.monotonic() - t0) * 1000
+        for v in result.revised_views:  # views the inspection scored again (at the final placement): stored before the verdict
+            revised = ViewResult(v.frame_id, float(v.view_score), v.latency_ms, None, dict(v.timings_ms))
+            await self._store_call(self.store.revise_view, cell=part.cell, part_id=part.part_id, view=revised)
         verdict = self._verdict(part, result, finalise_ms)
         try:
             verdict.to_payload()  # the contract's own validation
