@@ -237,14 +237,14 @@ class MappedRedInspector(RedPixelInspector):
         return part
 
 
-@pytest.mark.mqtt
-def test_the_service_writes_artifacts_and_records_the_map_paths(store, tmp_path):
+def run_two_views(store, tmp_path, inspector, *, red_second: bool) -> tuple[str, list, list]:
+    """Part p1 with views f0 and f1 (f1 red when ``red_second``) through the real service with an ArtifactWriter
+    under ``tmp_path / "art"``; returns the cell id, the progress messages and the verdicts."""
     from agent.service import CellConfig, InspectionService, MqttConfig, ServiceConfig
     from test_service_doubles import Cell, ServiceThread, factory_for, forget_sessions, unique_cell
 
     cell_id = unique_cell("art")
     config = ServiceConfig(cells=(CellConfig(cell_id),), mqtt=MqttConfig(client_id=f"agent-{cell_id}", reconnect_min_s=0.1), metrics_port=None, recipes_dir=tmp_path)
-    inspector = MappedRedInspector()
     writer = ArtifactWriter(tmp_path / "art")
     service = InspectionService(config, factory_for(inspector), store, recipe_names=lambda: [inspector.name], observers=[writer])
     cell = Cell(cell_id)
@@ -253,12 +253,20 @@ def test_the_service_writes_artifacts_and_records_the_map_paths(store, tmp_path)
             cell.start("p1", expected_views=2)
             t = time.time()
             cell.frame("p1", "f0", t, c2w=c2w_at(0))
-            cell.frame("p1", "f1", t + 0.1, red=True, c2w=c2w_at(0.1))
-            assert cell.wait_for("verdict")[0].verdict == "fail"
+            cell.frame("p1", "f1", t + 0.1, red=red_second, c2w=c2w_at(0.1))
+            progress = cell.wait_for("progress", count=2)
+            verdicts = cell.wait_for("verdict")
         writer.close()
     finally:
         cell.close()
         forget_sessions([f"agent-{cell_id}.{cell_id}"])
+    return cell_id, progress, verdicts
+
+
+@pytest.mark.mqtt
+def test_the_service_writes_artifacts_and_records_the_map_paths(store, tmp_path):
+    cell_id, _, verdicts = run_two_views(store, tmp_path, MappedRedInspector(), red_second=True)
+    assert verdicts[0].verdict == "fail"
     root = tmp_path / "art" / cell_id / "p1"
     assert json.loads((root / "verdict.json").read_text())["verdict"] == "fail"
     assert (root / "anomaly_volume.npz").is_file() and (root / "maps" / "f1.png").is_file() and (root / "views" / "f0.jpg").is_file()
@@ -285,27 +293,9 @@ class RevisingRedInspector(RedPixelInspector):
 
 @pytest.mark.mqtt
 def test_the_service_stores_and_writes_the_revised_views(store, tmp_path):
-    from agent.service import CellConfig, InspectionService, MqttConfig, ServiceConfig
-    from test_service_doubles import Cell, ServiceThread, factory_for, forget_sessions, unique_cell
-
-    cell_id = unique_cell("rev")
-    config = ServiceConfig(cells=(CellConfig(cell_id),), mqtt=MqttConfig(client_id=f"agent-{cell_id}", reconnect_min_s=0.1), metrics_port=None, recipes_dir=tmp_path)
-    inspector = RevisingRedInspector(retain=True)
-    writer = ArtifactWriter(tmp_path / "art")
-    service = InspectionService(config, factory_for(inspector), store, recipe_names=lambda: [inspector.name], observers=[writer])
-    cell = Cell(cell_id)
-    try:
-        with ServiceThread(service):
-            cell.start("p1", expected_views=2)
-            t = time.time()
-            cell.frame("p1", "f0", t, c2w=c2w_at(0))
-            cell.frame("p1", "f1", t + 0.1, c2w=c2w_at(0.1))
-            progress = [p.view_score for p in cell.wait_for("progress", count=2)]
-            assert cell.wait_for("verdict")[0].verdict == "pass"  # the double's verdict; the revision is about the views
-        writer.close()
-    finally:
-        cell.close()
-        forget_sessions([f"agent-{cell_id}.{cell_id}"])
+    cell_id, progress, verdicts = run_two_views(store, tmp_path, RevisingRedInspector(), red_second=False)
+    assert verdicts[0].verdict == "pass"  # the double's verdict; the revision is about the views
+    progress = [p.view_score for p in progress]
     assert progress == [0.0, 0.0]  # progress went out as the views were scored
     root = tmp_path / "art" / cell_id / "p1"
     assert np.load(root / "maps" / "f0.npy").max() == 3.0 and np.load(root / "maps" / "f1.npy").max() == 0.0
