@@ -231,8 +231,10 @@ class MappedRedPart(RedPixelPart):
 
 @dataclasses.dataclass
 class MappedRedInspector(RedPixelInspector):
+    part_class: type = MappedRedPart
+
     def start_part(self, part_id):
-        part = MappedRedPart(self, part_id)
+        part = self.part_class(self, part_id)
         self.parts[part_id] = part
         return part
 
@@ -283,17 +285,9 @@ class RevisingRedPart(MappedRedPart):
         return dataclasses.replace(super().finalise(), revised_views=[revised])
 
 
-@dataclasses.dataclass
-class RevisingRedInspector(RedPixelInspector):
-    def start_part(self, part_id):
-        part = RevisingRedPart(self, part_id)
-        self.parts[part_id] = part
-        return part
-
-
 @pytest.mark.mqtt
 def test_the_service_stores_and_writes_the_revised_views(store, tmp_path):
-    cell_id, progress, verdicts = run_two_views(store, tmp_path, RevisingRedInspector(), red_second=False)
+    cell_id, progress, verdicts = run_two_views(store, tmp_path, MappedRedInspector(part_class=RevisingRedPart), red_second=False)
     assert verdicts[0].verdict == "pass"  # the double's verdict; the revision is about the views
     progress = [p.view_score for p in progress]
     assert progress == [0.0, 0.0]  # progress went out as the views were scored

@@ -648,8 +648,7 @@ class InspectionService:
                 result = InspectionResult("incomplete", None, 1.0, [], part.views_ok, None, None, 0.0)
         finalise_ms = (time.monotonic() - t0) * 1000
         for v in result.revised_views:  # views the inspection scored again (at the final placement): stored before the verdict
-            revised = ViewResult(v.frame_id, float(v.view_score), v.latency_ms, None, dict(v.timings_ms))
-            await self._store_call(self.store.revise_view, cell=part.cell, part_id=part.part_id, view=revised)
+            await self._store_call(self.store.revise_view, cell=part.cell, part_id=part.part_id, view=v)
         verdict = self._verdict(part, result, finalise_ms)
         try:
             verdict.to_payload()  # the contract's own validation
