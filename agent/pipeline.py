@@ -115,11 +115,12 @@ def _noop(stage: str, done: int, total: int) -> None:
     pass
 
 
-def fused_part_score(maps: Sequence[np.ndarray], frames: Sequence[Frame], voxel_size: float, rule: str) -> float:
-    """The part score of views' anomaly maps fused through each frame's own depth: the maximum of the volume."""
+def fused_part_score(maps: Sequence[np.ndarray], depths: Sequence[np.ndarray], frames: Sequence[Frame], voxel_size: float, rule: str) -> float:
+    """The part score of views' anomaly maps, each fused through its depth map from its frame's camera: the maximum of
+    the volume."""
     acc = VoxelAccumulator(voxel_size, rule=rule)
-    for m, f in zip(maps, frames):
-        acc.add_view(m, f.depth, f.c2w, f.intrinsics, f.name)
+    for m, d, f in zip(maps, depths, frames):
+        acc.add_view(m, d, f.c2w, f.intrinsics, f.name)
     return float(acc.volume().score.max())
 
 
@@ -287,7 +288,7 @@ def enroll(
     # Calibration on held-out golden views.
     n = len(capture.frames)
     folds = min(config.folds, n)
-    maps: list[np.ndarray] = [None] * n  # type: ignore[list-item]
+    maps: list[anomaly.SurfaceMaps] = [None] * n  # type: ignore[list-item]
     depths: list[np.ndarray] = [None] * n  # type: ignore[list-item]
     for fold in range(folds):
         progress("calibration: leave-views-out", fold, folds)
@@ -306,16 +307,14 @@ def enroll(
     k = min(expected, n)
     for p in range(config.pseudo_parts):
         progress("calibration: nominal pseudo-parts", p, config.pseudo_parts)
-        acc = VoxelAccumulator(voxel_size, rule=config.fusion_rule)
-        for i in sorted(rng.choice(n, size=k, replace=False)):
-            f = capture.frames[i]
-            acc.add_view(combined[i], depths[i], f.c2w, f.intrinsics, f.name)
-        part_scores.append(float(acc.volume().score.max()))
+        pick = sorted(rng.choice(n, size=k, replace=False))
+        part_scores.append(fused_part_score([combined[i] for i in pick], [depths[i] for i in pick], [capture.frames[i] for i in pick],
+                                            voxel_size, config.fusion_rule))  # fmt: skip
     progress("calibration: nominal pseudo-parts", config.pseudo_parts, config.pseudo_parts)
     quantile = float(np.quantile(part_scores, 1.0 - config.target_false_reject_rate))
     raw_threshold = nominal_threshold(part_scores, config.target_false_reject_rate, config.threshold_margin)
 
-    surface, surface_threshold, surface_scores, channel_scale = None, None, [], [1.0, 1.0, 1.0]
+    surface, surface_threshold, surface_scores, channel_scale = None, None, [], [1.0] * len(anomaly.SURFACE_CHANNELS)
     if config.surface and all(f.depth is not None for f in capture.frames):
         surface, surface_threshold, surface_scores, channel_scale = build_surface(capture, voxel_size, expected, config, rng, progress)
 
@@ -433,14 +432,15 @@ def _reference_view_calibration(recipe: Recipe, parts: list[tuple[Capture, np.nd
     if not any(ok for _, ok in views):
         raise ValueError("reference views: no teach-in view was taken from the pose of another teach-in part's view; "
                          "teach-in parts must be photographed from the inspection poses")  # fmt: skip
-    floors = (*anomaly.GEOMETRY_SCALE_FLOORS, anomaly.REFERENCE_COLOUR_SCALE_FLOOR)
+    floors = anomaly.REFERENCE_SCALE_FLOORS
+    colour = anomaly.SURFACE_CHANNELS.index("colour")
     cal.reference_channel_scale = [
-        max(float(np.median([m[c].max() for m, ok in views if ok or c < 2])), floors[c]) for c in range(3)
+        max(float(np.median([m.channels[c].max() for m, ok in views if ok or c != colour])), floors[c]) for c in range(len(floors))
     ]  # fmt: skip
     scores = []
     for (capture, _), part_maps, flags in zip(parts, maps, with_refs):
-        combined = [anomaly.combine_surface_channels(m, cal.surface_scale(ok)) for m, ok in zip(part_maps, flags)]
-        scores.append(fused_part_score(combined, capture.frames, s.voxel_size_m, s.fusion_rule))
+        combined = [anomaly.combine_surface_channels(m.channels, cal.surface_scale(ok)) for m, ok in zip(part_maps, flags)]
+        scores.append(fused_part_score(combined, [m.fusion_depth for m in part_maps], capture.frames, s.voxel_size_m, s.fusion_rule))
     return scores
 
 
@@ -463,7 +463,7 @@ def build_surface(
     frames = capture.frames
     n = len(frames)
     folds = min(config.surface_folds, n)
-    maps: list[np.ndarray] = [None] * n  # type: ignore[list-item]
+    maps: list[anomaly.SurfaceMaps] = [None] * n  # type: ignore[list-item]
     progress("surface: leave-views-out", 0, folds + 1)
     surface = build_nominal_surface(frames, spacing, folds=config.folds)
     for fold in range(folds):
@@ -474,14 +474,15 @@ def build_surface(
             maps[i] = anomaly.surface_channel_maps(fold_surface, frames[i], np.eye(4))
     progress("surface: leave-views-out", folds + 1, folds + 1)
     # each channel's typical peak on a held-out view (the median of the per-view maxima), so no channel dominates
-    floors = (*anomaly.GEOMETRY_SCALE_FLOORS, anomaly.COLOUR_SCALE_FLOOR)
-    channel_scale = [max(float(np.median([m[c].max() for m in maps])), floors[c]) for c in range(3)]
-    combined = [anomaly.combine_surface_channels(m, channel_scale) for m in maps]
+    floors = anomaly.SURFACE_SCALE_FLOORS
+    channel_scale = [max(float(np.median([m.channels[c].max() for m in maps])), floors[c]) for c in range(len(floors))]
+    combined = [anomaly.combine_surface_channels(m.channels, channel_scale) for m in maps]
     scores = []
     k = min(expected, n)
     for _ in range(config.pseudo_parts):
         pick = sorted(rng.choice(n, size=k, replace=False))
-        scores.append(fused_part_score([combined[i] for i in pick], [frames[i] for i in pick], voxel_size, config.fusion_rule))
+        scores.append(fused_part_score([combined[i] for i in pick], [maps[i].fusion_depth for i in pick], [frames[i] for i in pick],
+                                       voxel_size, config.fusion_rule))  # fmt: skip
     threshold = nominal_threshold(scores, config.target_false_reject_rate, config.threshold_margin)
     return surface, threshold, scores, channel_scale
 
@@ -639,8 +640,8 @@ class PartSession:
         if insp.scores_on_surface(frame):
             refs = recipe.references.matching(frame.c2w) if recipe.references is not None else []
             maps = anomaly.surface_channel_maps(recipe.surface, frame, self.T_world_part, refs)
-            score_map = anomaly.combine_surface_channels(maps, cal.surface_scale(bool(refs))) / cal.surface_raw_threshold
-            return score_map, np.asarray(frame.depth, dtype=np.float32)
+            score_map = anomaly.combine_surface_channels(maps.channels, cal.surface_scale(bool(refs))) / cal.surface_raw_threshold
+            return score_map, maps.fusion_depth
         maps, ref = insp.scorer.channels(frame, self.T_world_part)
         return anomaly.combine_channels(maps, cal.channel_offset, cal.channel_scale) / cal.raw_threshold, ref.depth
 

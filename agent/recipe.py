@@ -36,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import tomli_w
 
+from agent.anomaly import SURFACE_CHANNELS
 from agent.geometry import Intrinsics, check_rigid
 from agent.memory_bank import MemoryBank
 from agent.splat.model import GaussianModel
@@ -210,7 +211,7 @@ class Calibration:
     # surface evidence and the nominal pseudo-part scores it came from; None when the recipe has no surface.
     surface_raw_threshold: float | None = None
     surface_nominal_part_scores: list[float] = field(default_factory=list)
-    surface_channel_scale: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # agent.anomaly.SURFACE_CHANNELS
+    surface_channel_scale: list[float] = field(default_factory=lambda: [1.0] * len(SURFACE_CHANNELS))  # agent.anomaly.SURFACE_CHANNELS
     # Teach-in (agent.pipeline.calibrate_on_teach_in): the raw part scores of the nominal teach-in parts that set
     # raw_threshold (feature path) / surface_raw_threshold (surface path); empty: the threshold is leave-views-out.
     teach_in_part_scores: list[float] = field(default_factory=list)
@@ -248,8 +249,9 @@ class Calibration:
             raise ValueError("enrollment_poses and enrollment_frames must be non-empty and equally long")
         for i, T in enumerate(self.enrollment_poses):
             check_rigid(T, what=f"enrollment_poses[{i}]")
-        if len(self.surface_channel_scale) != 3 or not all(math.isfinite(v) and v > 0 for v in self.surface_channel_scale):
-            raise ValueError(f"surface_channel_scale must be 3 positive values, got {self.surface_channel_scale}")
+        n_surface = len(SURFACE_CHANNELS)
+        if len(self.surface_channel_scale) != n_surface or not all(math.isfinite(v) and v > 0 for v in self.surface_channel_scale):
+            raise ValueError(f"surface_channel_scale must be {n_surface} positive values, got {self.surface_channel_scale}")
         if self.surface_raw_threshold is not None and not (math.isfinite(self.surface_raw_threshold) and self.surface_raw_threshold > 0):
             raise ValueError(f"surface_raw_threshold must be > 0, got {self.surface_raw_threshold}")
         for name in ("teach_in_part_scores", "surface_teach_in_part_scores"):
@@ -258,8 +260,8 @@ class Calibration:
         if self.surface_teach_in_part_scores and self.surface_raw_threshold is None:
             raise ValueError("surface_teach_in_part_scores without a surface_raw_threshold")
         if self.reference_channel_scale is not None:
-            if len(self.reference_channel_scale) != 3 or not all(math.isfinite(v) and v > 0 for v in self.reference_channel_scale):
-                raise ValueError(f"reference_channel_scale must be 3 positive values, got {self.reference_channel_scale}")
+            if len(self.reference_channel_scale) != n_surface or not all(math.isfinite(v) and v > 0 for v in self.reference_channel_scale):
+                raise ValueError(f"reference_channel_scale must be {n_surface} positive values, got {self.reference_channel_scale}")
             if not self.surface_teach_in_part_scores:
                 raise ValueError("reference_channel_scale without surface_teach_in_part_scores (reference views come from teach-in parts)")
 
@@ -280,6 +282,7 @@ class Calibration:
             "notes": self.notes,
             "surface_raw_threshold": None if self.surface_raw_threshold is None else float(self.surface_raw_threshold),
             "surface_nominal_part_scores": [float(v) for v in self.surface_nominal_part_scores],
+            "surface_channels": list(SURFACE_CHANNELS),
             "surface_channel_scale": [float(v) for v in self.surface_channel_scale],
             "teach_in_part_scores": [float(v) for v in self.teach_in_part_scores],
             "surface_teach_in_part_scores": [float(v) for v in self.surface_teach_in_part_scores],
@@ -292,6 +295,10 @@ class Calibration:
             raise RecipeError(path, f"format_version is {data.get('format_version')!r}, this agent reads {FORMAT_VERSION}")
         if data.get("channels") != list(CHANNELS):
             raise RecipeError(path, f"channels must be {list(CHANNELS)}, got {data.get('channels')!r}")
+        # Recipes enrolled before the missing channel have three surface channels and no "surface_channels" key.
+        surface_channels = data.get("surface_channels", ["extra", "inside", "colour"])
+        if surface_channels != list(SURFACE_CHANNELS):
+            raise RecipeError(path, f"enrolled with surface channels {surface_channels!r}; this agent scores {list(SURFACE_CHANNELS)}: enrol the recipe again")
         keys = ("channel_offset", "channel_scale", "raw_threshold", "nominal_part_scores", "backdrop_rgb",
                 "enrollment_poses", "enrollment_frames", "geometry_depth_scale_m", "map_sigma_px", "folds")  # fmt: skip
         missing = [k for k in keys if k not in data]
@@ -312,7 +319,7 @@ class Calibration:
                 notes=dict(data.get("notes", {})),
                 surface_raw_threshold=None if data.get("surface_raw_threshold") is None else float(data["surface_raw_threshold"]),
                 surface_nominal_part_scores=[float(v) for v in data.get("surface_nominal_part_scores", [])],
-                surface_channel_scale=[float(v) for v in data.get("surface_channel_scale", [1.0, 1.0, 1.0])],
+                surface_channel_scale=[float(v) for v in data.get("surface_channel_scale", [1.0] * len(SURFACE_CHANNELS))],
                 teach_in_part_scores=[float(v) for v in data.get("teach_in_part_scores", [])],
                 surface_teach_in_part_scores=[float(v) for v in data.get("surface_teach_in_part_scores", [])],
                 reference_channel_scale=None if data.get("reference_channel_scale") is None else [float(v) for v in data["reference_channel_scale"]],

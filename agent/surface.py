@@ -20,7 +20,9 @@ Used at inspection (plain functions, no I/O):
   surface: burr) and of material inside the nominal surface (dent, missing material's cut face), each divided by
   the point's tolerance (1 = the worst nominal case; inspection maps their signed difference as a local contrast,
   :func:`geometry_contrast`), and of a colour that is not the golden part's (stain,
-  scratch): the local contrast of the observed-to-golden colour ratio (:func:`colour_contrast`). Colours are
+  scratch): the local contrast of the observed-to-golden colour ratio (:func:`colour_contrast`); and where the camera
+  sees through the nominal surface (:func:`see_through`: nothing, or something far behind, where the surface placed
+  at the part's placement should be seen, :func:`expected_depth`), a chunk missing from an outline. Colours are
   compared after a shading correction fitted per view and per normal direction, so a light that is brighter or
   turned a few degrees does not read as a defect; a specular highlight (white light added to the surface colour)
   is taken out, and clipped pixels are not measured.
@@ -39,7 +41,7 @@ import scipy.ndimage
 from scipy.spatial import cKDTree
 
 from agent.capture import Frame
-from agent.geometry import backproject_depth, project_points, rotation_about_axis, transform_points
+from agent.geometry import Intrinsics, backproject_depth, project_points, rotation_about_axis, transform_points
 from agent.reference_views import ReferenceView
 
 SURFACE_FORMAT = "edge-inspection-agent/nominal-surface"
@@ -63,6 +65,12 @@ SATURATED_LEVEL = 0.97
 LOG_EPS = 0.03
 # A reference view (agent.reference_views) saw a surface point when its depth there is within this of the point's.
 REFERENCE_DEPTH_AGREEMENT_M = 0.004
+# Seeing through the nominal surface (see_through): the camera sees nothing, or something more than
+# SEE_THROUGH_GAP_TOLS typical nominal tolerances (the median geometry_tol) behind, where the nominal surface should
+# be. The outline is trusted SEE_THROUGH_TOLERANCE_PX pixels in from its edge (a placement a few tenths of a
+# millimetre off moves it by less), and not at its own depth edges (steps larger than the gap).
+SEE_THROUGH_GAP_TOLS = 4.0
+SEE_THROUGH_TOLERANCE_PX = 1
 
 
 @dataclass
@@ -442,6 +450,46 @@ def geometry_contrast(signed: np.ndarray, observed: np.ndarray, sigma_px: float,
     return np.maximum(local, 0.0).astype(np.float32), np.maximum(-local, 0.0).astype(np.float32)
 
 
+def expected_depth(surface: NominalSurface, c2w: np.ndarray, K: Intrinsics, T_world_part: np.ndarray) -> np.ndarray:
+    """H x W float32: the depth at which the camera ``c2w`` should see the nominal surface placed at ``T_world_part``,
+    0 where it should see none. A z-buffer of the surface points the golden views saw well (support >= MIN_SUPPORT)
+    that face the camera, one pixel each; a pixel no point fell in takes the nearest depth of its 3 x 3 neighbours (the
+    grid spacing is about a pixel's footprint), and the outline is eroded back by a pixel (a morphological closing)."""
+    ok = surface.support >= MIN_SUPPORT
+    T = np.asarray(T_world_part, dtype=np.float64)
+    points = transform_points(T, surface.points[ok].astype(np.float64))
+    normals = surface.normals[ok].astype(np.float64) @ T[:3, :3].T
+    camera = np.asarray(c2w, dtype=np.float64)[:3, 3]
+    facing = np.einsum("ij,ij->i", normals, camera[None, :] - points) > 0
+    uv, z = project_points(points[facing], c2w, K)
+    with np.errstate(invalid="ignore"):
+        u, v = np.floor(uv[:, 0]), np.floor(uv[:, 1])
+        inside = (z > 0) & (u >= 0) & (v >= 0) & (u < K.width) & (v < K.height)
+    zbuf = np.full(K.height * K.width, np.inf, np.float32)
+    np.minimum.at(zbuf, v[inside].astype(np.int64) * K.width + u[inside].astype(np.int64), z[inside].astype(np.float32))
+    far = np.float32(1e6)
+    kernel = np.ones((3, 3), np.uint8)
+    zbuf = np.minimum(zbuf, far).reshape(K.height, K.width)
+    closed = np.where(zbuf < far, zbuf, cv2.erode(zbuf, kernel))  # a gap takes the nearest depth of its 3 x 3 neighbours
+    outline = cv2.erode((closed < far).astype(np.uint8), kernel).astype(bool)
+    return np.where(outline, closed, 0.0).astype(np.float32)
+
+
+def see_through(expected: np.ndarray, observed_depth: np.ndarray, gap_m: float, tolerance_px: int = SEE_THROUGH_TOLERANCE_PX) -> np.ndarray:
+    """H x W bool: material missing in the line of sight. Pixels where the nominal surface should be seen
+    (``expected`` > 0, :func:`expected_depth`), at least ``tolerance_px`` pixels inside its outline and away from its
+    depth edges (a step larger than ``gap_m`` within ``tolerance_px``), where the camera saw nothing (a chunk gone from
+    the silhouette) or a surface more than ``gap_m`` behind it (a chunk gone from an edge in front of the part)."""
+    expected = np.asarray(expected, dtype=np.float32)
+    observed = np.asarray(observed_depth, dtype=np.float32)
+    where = expected > 0
+    kernel = np.ones((2 * tolerance_px + 1,) * 2, np.uint8)
+    core = cv2.erode(where.astype(np.uint8), kernel).astype(bool)
+    step = cv2.dilate(expected, kernel) - cv2.erode(np.where(where, expected, np.float32(1e6)), kernel)
+    gap = np.where(observed > 0, observed - expected, np.inf)
+    return core & (step <= gap_m) & (gap > gap_m)
+
+
 @dataclass
 class SurfaceResiduals:
     """Per-pixel evidence of one view (H x W float32, 0 where the camera saw no part)."""
@@ -450,6 +498,8 @@ class SurfaceResiduals:
     inside: np.ndarray  # material missing: observed surface behind the nominal one, in geometry tolerances
     colour: np.ndarray  # colour unlike the golden part's: local log-ratio contrast (colour_contrast)
     observed: np.ndarray  # H x W bool: pixels with depth
+    expected_depth: np.ndarray  # H x W float32: where the nominal surface should be seen (expected_depth), 0 = nowhere
+    see_through: np.ndarray  # H x W bool: material missing in the line of sight (see_through)
 
 
 def surface_residuals(
@@ -477,7 +527,12 @@ def surface_residuals(
         valid[raw.flat] = raw.colour_valid
         observed[raw.flat] = True
     colour = colour_contrast(log_ratio.reshape(3, H, W), valid.reshape(H, W), colour_sigma_px, colour_baseline_px)
-    return SurfaceResiduals(extra.reshape(H, W), inside.reshape(H, W), colour, observed.reshape(H, W))
+    if frame.depth is None or frame.c2w is None:
+        expected, missing = np.zeros((H, W), np.float32), np.zeros((H, W), bool)
+    else:
+        expected = expected_depth(surface, frame.c2w, frame.intrinsics, T_world_part)
+        missing = see_through(expected, frame.depth, SEE_THROUGH_GAP_TOLS * float(np.median(surface.geometry_tol)))
+    return SurfaceResiduals(extra.reshape(H, W), inside.reshape(H, W), colour, observed.reshape(H, W), expected, missing)
 
 
 @dataclass

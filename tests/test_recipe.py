@@ -136,6 +136,17 @@ def test_malformed_but_hash_consistent_files_are_rejected_clearly(saved):
     _rewrite(root, CALIBRATION_FILE, json.dumps(calibration))
     with pytest.raises(RecipeError, match="enrollment_poses\\[0\\] is not rigid"):
         load_recipe(root)
+    # a recipe enrolled before the missing-material surface channel: three surface scales, no channel list
+    old = make_recipe().calibration.to_json()
+    del old["surface_channels"]
+    old["surface_channel_scale"] = [1.0, 1.0, 1.0]
+    _rewrite(root, CALIBRATION_FILE, json.dumps(old))
+    with pytest.raises(RecipeError, match="enrolled with surface channels \\['extra', 'inside', 'colour'\\]; .* enrol the recipe again"):
+        load_recipe(root)
+    old["surface_channels"] = ["extra", "inside", "colour", "missing"]
+    _rewrite(root, CALIBRATION_FILE, json.dumps(old))
+    with pytest.raises(RecipeError, match="surface_channel_scale must be 4 positive values"):
+        load_recipe(root)
     _rewrite(root, CALIBRATION_FILE, json.dumps(make_recipe().calibration.to_json()))
     _rewrite(root, MODEL_FILE, "ply\nnot really\n")
     with pytest.raises(RecipeError, match=f"{MODEL_FILE}: not a readable PLY"):
@@ -232,7 +243,7 @@ def _with_references(recipe: Recipe) -> Recipe:
     recipe.references = ReferenceViews(np.full((n, K.height, K.width, 3), 128, np.uint8), np.full((n, K.height, K.width), 0.5, np.float32),
                                        poses, np.tile(np.eye(4), (n, 1, 1)), np.array([0, 0, 1, 1]), K)  # fmt: skip
     recipe.calibration.surface_teach_in_part_scores = [1.0, 1.25]
-    recipe.calibration.reference_channel_scale = [0.2, 0.15, 0.05]
+    recipe.calibration.reference_channel_scale = [0.2, 0.15, 0.05, 0.3]
     return recipe
 
 
@@ -242,8 +253,8 @@ def test_reference_views_round_trip_and_rejections(tmp_path):
     recipe = _with_references(make_recipe())
     loaded = load_recipe(save_recipe(recipe, tmp_path))
     np.testing.assert_array_equal(loaded.references.images, recipe.references.images)
-    assert loaded.calibration.reference_channel_scale == pytest.approx([0.2, 0.15, 0.05])
-    assert loaded.calibration.surface_scale(True) == pytest.approx([0.2, 0.15, 0.05])
+    assert loaded.calibration.reference_channel_scale == pytest.approx([0.2, 0.15, 0.05, 0.3])
+    assert loaded.calibration.surface_scale(True) == pytest.approx([0.2, 0.15, 0.05, 0.3])
     assert loaded.calibration.surface_scale(False) == loaded.calibration.surface_channel_scale
     from agent.pipeline_cli import recipes_app
 

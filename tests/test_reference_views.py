@@ -102,6 +102,6 @@ def test_paint_stands_out_more_against_a_reference_view_than_against_the_golden_
     # stands out more against another nominal part's view from the same pose than against the golden surface colour
     contrast = {}
     for name, refs_used in (("golden", []), ("reference", matched)):
-        colour = surface_channel_maps(surface, painted, Tb, refs_used)[2]
+        colour = surface_channel_maps(surface, painted, Tb, refs_used).channels[2]
         contrast[name] = colour[mask].max() / colour[~mask].max()
     assert contrast["reference"] > max(3.0, contrast["golden"]), contrast

@@ -8,8 +8,8 @@ import pytest
 from agent.geometry import rotation_about_axis, rotation_angle_deg
 from agent.sim import SimConfig, enrollment_poses, inspection_poses, simulate_part
 from agent.surface import (
-    MIN_COLOUR_TOL, MIN_GEOMETRY_TOL_M, NominalSurface, build_nominal_surface, colour_contrast, fit_placement, geometry_contrast,
-    highlight_free_log_ratio, surface_residuals,
+    MIN_COLOUR_TOL, MIN_GEOMETRY_TOL_M, NominalSurface, build_nominal_surface, colour_contrast, expected_depth, fit_placement,
+    geometry_contrast, highlight_free_log_ratio, see_through, surface_residuals,
 )  # fmt: skip
 
 PRODUCT = "bracket"
@@ -83,11 +83,11 @@ def test_burr_stands_out_and_the_good_part_stays_near_its_tolerance(scene):
     raw = surface_residuals(surface, good.frames[0], good.gt.T_world_part)
     assert raw.observed.sum() == (good.frames[0].depth > 0).sum()
     # the maps inspection uses (median + blur): the good part stays within about its nominal tolerance
-    good_peak = max(float(surface_channel_maps(surface, f, good.gt.T_world_part)[0].max()) for f in good.frames)
+    good_peak = max(float(surface_channel_maps(surface, f, good.gt.T_world_part).channels[0].max()) for f in good.frames)
     assert good_peak < 1.5
     seen = [f for f in burr.frames if f.mask.sum() >= 4]
     assert seen, "the burr should be visible in some view"
-    on = [float(surface_channel_maps(surface, f, burr.gt.T_world_part)[0][f.mask].max()) for f in seen]
+    on = [float(surface_channel_maps(surface, f, burr.gt.T_world_part).channels[0][f.mask].max()) for f in seen]
     assert max(on) > 2.0 * good_peak, (on, good_peak)
 
 
@@ -143,3 +143,75 @@ def test_geometry_contrast_cancels_depth_noise_and_a_placement_tilt_and_finds_a_
     assert inside_d.max() > 2 * nominal
     assert np.hypot(*(np.array(np.unravel_index(inside_d.argmax(), inside_d.shape)) - [40, 60])) <= 3
     assert extra_d[32:49, 52:69].max() < nominal  # a dent is not extra material
+
+
+def _step_view(size: int = 64):
+    """An expected depth map: a square part 0.5 m away, its right third a face 20 mm nearer (a depth edge inside)."""
+    yy, xx, seen = _square_view(size)
+    expected = np.where(seen, np.where(xx >= 40, 0.48, 0.5), 0.0).astype(np.float32)
+    return yy, xx, expected
+
+
+def test_see_through_finds_a_notch_and_a_hole_and_tolerates_a_pixel_of_misplacement():
+    yy, xx, expected = _step_view()
+    rng = np.random.default_rng(2)
+    observed = np.where(expected > 0, expected + rng.normal(0.0, 0.0005, expected.shape), 0.0).astype(np.float32)
+    assert not see_through(expected, observed, 0.003).any()
+    # a part placed one pixel off: its outline and its depth edge move by a pixel, which the margin absorbs
+    shifted = np.roll(observed, 1, axis=1)
+    assert not see_through(expected, shifted, 0.003).any()
+    # a chunk gone from the left edge (the camera sees nothing there) and a hole showing a surface 10 mm behind
+    damaged = observed.copy()
+    notch = (np.abs(yy - 30) < 4) & (xx < 14)
+    damaged[notch] = 0.0
+    hole = (np.abs(yy - 20) < 3) & (np.abs(xx - 25) < 3)
+    damaged[hole] += 0.010
+    found = see_through(expected, damaged, 0.003)
+    assert found[hole].all()
+    assert found[notch & (xx >= 9)].all()  # one pixel in from the outline (x = 8) on
+    assert not found[~(notch | hole)].any()
+    # less than the gap behind (a dent) is not seen through
+    dented = observed.copy()
+    dented[hole] += 0.002
+    assert not see_through(expected, dented, 0.003).any()
+
+
+def test_expected_depth_is_where_a_good_view_sees_the_part(scene):
+    surface, good, _ = scene
+    T = good.gt.T_world_part
+    for f in good.frames:
+        expected = expected_depth(surface, f.c2w, f.intrinsics, T)
+        both = (expected > 0) & (f.depth > 0)
+        union = (expected > 0) | (f.depth > 0)
+        assert both.sum() > 0.9 * union.sum()  # the same outline to within its edge pixels
+        assert np.median(np.abs(expected[both] - f.depth[both])) < 0.001
+        gap = 4.0 * float(np.median(surface.geometry_tol))
+        assert see_through(expected, f.depth, gap).sum() <= 0.002 * (f.depth > 0).sum()
+
+
+def test_a_chunk_cut_from_the_outline_is_seen_through(scene):
+    from agent.capture import Frame
+
+    surface, good, _ = scene
+    f = good.frames[0]
+    T = good.gt.T_world_part
+    gap = 4.0 * float(np.median(surface.geometry_tol))
+    before = see_through(expected_depth(surface, f.c2w, f.intrinsics, T), f.depth, gap)
+    # cut a disc of 5 px radius out of the part, 3 px in from where its outline is leftmost (the camera now sees the backdrop there)
+    ys, xs = np.nonzero(f.depth > 0)
+    y0, x0 = int(np.median(ys[xs == xs.min()])), int(xs.min()) + 3
+    yy, xx = np.mgrid[0 : f.depth.shape[0], 0 : f.depth.shape[1]]
+    chunk = ((yy - y0) ** 2 + (xx - x0) ** 2 <= 25) & (f.depth > 0)
+    cut = Frame(name=f.name, image=f.image, intrinsics=f.intrinsics, c2w=f.c2w, depth=np.where(chunk, 0.0, f.depth).astype(np.float32))
+    r = surface_residuals(surface, cut, T)
+    assert (r.see_through & chunk).sum() >= 10
+    assert not (r.see_through & ~chunk & ~before).any()
+    # the channel inspection maps, and the depth it fuses them through: the chunk is placed where the material was
+    from agent.anomaly import SURFACE_CHANNELS, surface_channel_maps
+
+    maps = surface_channel_maps(surface, cut, T)
+    missing = maps.channels[SURFACE_CHANNELS.index("missing")]
+    assert chunk[np.unravel_index(missing.argmax(), missing.shape)]
+    filled = chunk & r.see_through  # no depth there: the camera saw the backdrop
+    np.testing.assert_allclose(maps.fusion_depth[filled], r.expected_depth[filled])
+    np.testing.assert_array_equal(maps.fusion_depth[~chunk & (f.depth > 0)], f.depth[~chunk & (f.depth > 0)])
