@@ -258,7 +258,7 @@ def combine_channels(maps: np.ndarray, offset, scale) -> np.ndarray:
 
 SURFACE_CHANNELS = ("extra", "inside", "colour", "missing")
 # Each channel is divided by its typical peak on held-out golden views (the channel scale, fitted at enrollment), so
-# all three weigh the same. The colour scale is at least COLOUR_SCALE_FLOOR (a 15 % local colour or brightness
+# all four weigh the same. The colour scale is at least COLOUR_SCALE_FLOOR (a 15 % local colour or brightness
 # change): the golden views share one lighting, so they cannot show how much a cell's light varies between parts
 # (intensity, turned lights, moved shadows). Measured on the tuning seed (3 recipes x 6 good + 10 defective parts,
 # 256 px): part-level I-AUROC 0.94 with the floor at 0.1, 0.96 at 0.15.
@@ -337,8 +337,9 @@ def surface_channel_maps(
 
 
 def combine_surface_channels(maps: np.ndarray, scale=(1.0, 1.0, 1.0, 1.0)) -> np.ndarray:
-    """H x W float32: ``max_c w[c] maps[c] / scale[c]`` over the surface channels (each already in units of its
-    nominal tolerance; ``scale`` = each channel's typical peak on held-out nominal views, so that none dominates;
+    """H x W float32: ``max_c w[c] maps[c] / scale[c]`` over the surface channels (each in its own units: nominal
+    tolerances, colour contrast, share of pixels seen through; ``scale`` = each channel's typical peak on held-out
+    nominal views, so that none dominates;
     ``w`` = :data:`SURFACE_CHANNEL_WEIGHTS`)."""
     sc = np.asarray(scale, dtype=np.float32)[:, None, None]
     w = np.asarray(SURFACE_CHANNEL_WEIGHTS, dtype=np.float32)[:, None, None]
