@@ -43,7 +43,7 @@ from agent.memory_bank import MemoryBank, anomaly_maps
 from agent.reference_views import ReferenceView
 from agent.splat.init import backdrop_mask
 from agent.splat.model import GaussianModel, Ks_from_intrinsics, viewmats_from_c2w
-from agent.surface import NominalSurface, geometry_contrast, surface_residuals
+from agent.surface import NominalSurface, depth_range, geometry_contrast, surface_residuals
 
 # The geometry channel's scale is never fitted below this (1 = one full pixel of missing material after
 # the blur): on nominal views it is often nearly zero everywhere, and a tiny fitted scale would turn the
@@ -140,17 +140,6 @@ def depth_edges(depth: np.ndarray, jump_m: float) -> np.ndarray:
     hi = cv2.dilate(np.where(valid, d, 0.0).astype(np.float32), kernel)
     lo = cv2.erode(np.where(valid, d, np.inf).astype(np.float32), kernel)
     return valid & (hi - lo > jump_m)
-
-
-def depth_range(depth: np.ndarray, radius_px: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lowest and highest valid (> 0) depth within ``radius_px`` of each pixel (inf / 0 where there is none)."""
-    d = np.asarray(depth, dtype=np.float32)
-    valid = d > 0
-    kernel = np.ones((2 * radius_px + 1,) * 2, np.uint8)
-    far = np.float32(1e6)
-    lo = cv2.erode(np.where(valid, d, far).astype(np.float32), kernel)
-    hi = cv2.dilate(np.where(valid, d, 0.0).astype(np.float32), kernel)
-    return np.where(lo < far, lo, np.inf).astype(np.float32), hi
 
 
 def geometry_evidence(

@@ -86,6 +86,7 @@ class NominalSurface:
     support: np.ndarray | None = None  # N: golden views that saw the point's neighbourhood (None: trusted everywhere)
     _tree: cKDTree | None = field(default=None, repr=False, compare=False)
     _enclosure: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _typical_geometry_tol: float | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.points)
@@ -115,6 +116,13 @@ class NominalSurface:
         if self._tree is None:
             self._tree = cKDTree(self.points)
         return self._tree
+
+    @property
+    def typical_geometry_tol(self) -> float:
+        """Metres: the median of the points' geometry tolerances (computed once)."""
+        if self._typical_geometry_tol is None:
+            self._typical_geometry_tol = float(np.median(self.geometry_tol))
+        return self._typical_geometry_tol
 
     @property
     def enclosure(self) -> np.ndarray:
@@ -450,6 +458,17 @@ def geometry_contrast(signed: np.ndarray, observed: np.ndarray, sigma_px: float,
     return np.maximum(local, 0.0).astype(np.float32), np.maximum(-local, 0.0).astype(np.float32)
 
 
+def depth_range(depth: np.ndarray, radius_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lowest and highest valid (> 0) depth within ``radius_px`` of each pixel (inf / 0 where there is none)."""
+    d = np.asarray(depth, dtype=np.float32)
+    valid = d > 0
+    kernel = np.ones((2 * radius_px + 1,) * 2, np.uint8)
+    far = np.float32(1e6)
+    lo = cv2.erode(np.where(valid, d, far).astype(np.float32), kernel)
+    hi = cv2.dilate(np.where(valid, d, 0.0).astype(np.float32), kernel)
+    return np.where(lo < far, lo, np.inf).astype(np.float32), hi
+
+
 def expected_depth(surface: NominalSurface, c2w: np.ndarray, K: Intrinsics, T_world_part: np.ndarray) -> np.ndarray:
     """H x W float32: the depth at which the camera ``c2w`` should see the nominal surface placed at ``T_world_part``,
     0 where it should see none. A z-buffer of the surface points the golden views saw well (support >= MIN_SUPPORT)
@@ -482,12 +501,10 @@ def see_through(expected: np.ndarray, observed_depth: np.ndarray, gap_m: float, 
     the silhouette) or a surface more than ``gap_m`` behind it (a chunk gone from an edge in front of the part)."""
     expected = np.asarray(expected, dtype=np.float32)
     observed = np.asarray(observed_depth, dtype=np.float32)
-    where = expected > 0
-    kernel = np.ones((2 * tolerance_px + 1,) * 2, np.uint8)
-    core = cv2.erode(where.astype(np.uint8), kernel).astype(bool)
-    step = cv2.dilate(expected, kernel) - cv2.erode(np.where(where, expected, np.float32(1e6)), kernel)
+    core = cv2.erode((expected > 0).astype(np.uint8), np.ones((2 * tolerance_px + 1,) * 2, np.uint8)).astype(bool)
+    lo, hi = depth_range(expected, tolerance_px)
     gap = np.where(observed > 0, observed - expected, np.inf)
-    return core & (step <= gap_m) & (gap > gap_m)
+    return core & (hi - lo <= gap_m) & (gap > gap_m)
 
 
 @dataclass
@@ -531,7 +548,7 @@ def surface_residuals(
         expected, missing = np.zeros((H, W), np.float32), np.zeros((H, W), bool)
     else:
         expected = expected_depth(surface, frame.c2w, frame.intrinsics, T_world_part)
-        missing = see_through(expected, frame.depth, SEE_THROUGH_GAP_TOLS * float(np.median(surface.geometry_tol)))
+        missing = see_through(expected, frame.depth, SEE_THROUGH_GAP_TOLS * surface.typical_geometry_tol)
     return SurfaceResiduals(extra.reshape(H, W), inside.reshape(H, W), colour, observed.reshape(H, W), expected, missing)
 
 

@@ -8,7 +8,7 @@ import pytest
 from agent.geometry import rotation_about_axis, rotation_angle_deg
 from agent.sim import SimConfig, enrollment_poses, inspection_poses, simulate_part
 from agent.surface import (
-    MIN_COLOUR_TOL, MIN_GEOMETRY_TOL_M, NominalSurface, build_nominal_surface, colour_contrast, expected_depth, fit_placement,
+    MIN_COLOUR_TOL, MIN_GEOMETRY_TOL_M, SEE_THROUGH_GAP_TOLS, NominalSurface, build_nominal_surface, colour_contrast, expected_depth, fit_placement,
     geometry_contrast, highlight_free_log_ratio, see_through, surface_residuals,
 )  # fmt: skip
 
@@ -185,7 +185,7 @@ def test_expected_depth_is_where_a_good_view_sees_the_part(scene):
         union = (expected > 0) | (f.depth > 0)
         assert both.sum() > 0.9 * union.sum()  # the same outline to within its edge pixels
         assert np.median(np.abs(expected[both] - f.depth[both])) < 0.001
-        gap = 4.0 * float(np.median(surface.geometry_tol))
+        gap = SEE_THROUGH_GAP_TOLS * surface.typical_geometry_tol
         assert see_through(expected, f.depth, gap).sum() <= 0.002 * (f.depth > 0).sum()
 
 
@@ -195,7 +195,7 @@ def test_a_chunk_cut_from_the_outline_is_seen_through(scene):
     surface, good, _ = scene
     f = good.frames[0]
     T = good.gt.T_world_part
-    gap = 4.0 * float(np.median(surface.geometry_tol))
+    gap = SEE_THROUGH_GAP_TOLS * surface.typical_geometry_tol
     before = see_through(expected_depth(surface, f.c2w, f.intrinsics, T), f.depth, gap)
     # cut a disc of 5 px radius out of the part, 3 px in from where its outline is leftmost (the camera now sees the backdrop there)
     ys, xs = np.nonzero(f.depth > 0)
