@@ -46,7 +46,7 @@ from agent.eval.report import OURS, SPLATPOSE_MAD_SIM, EvalReport, Latency, Meth
 from agent.features import PatchFeatureExtractor, get_extractor
 from agent.fusion import SparseVolume, VoxelAccumulator
 from agent.memory_bank import MemoryBank, anomaly_maps, patch_rows
-from agent.pipeline import EnrollConfig, RecipeInspector, build_bank, enroll, inspect_capture, nominal_threshold
+from agent.pipeline import EnrollConfig, RecipeInspector, build_bank, enroll, fused_part_score, inspect_capture, nominal_threshold
 from agent.recipe import Recipe, RecipeError, load_recipe, save_recipe
 from agent.splat.placement import SingleImagePoseConfig, estimate_single_image_pose
 from agent import machine
@@ -310,11 +310,8 @@ class PatchCoreMaxBaseline:
         k = min(config.expected_views, n)
         scores = []
         for _ in range(config.pseudo_parts):
-            acc = VoxelAccumulator(voxel_size, rule="max")
-            for i in sorted(rng.choice(n, size=k, replace=False)):
-                f = frames[i]
-                acc.add_view(maps[i], f.depth, f.c2w, f.intrinsics, f.name)
-            scores.append(float(acc.volume().score.max()))
+            pick = sorted(rng.choice(n, size=k, replace=False))
+            scores.append(fused_part_score([maps[i] for i in pick], [frames[i].depth for i in pick], [frames[i] for i in pick], voxel_size, "max"))
         self.threshold = float(np.quantile(scores, 1.0 - config.target_false_reject_rate)) * config.threshold_margin
         progress("baseline: calibration", folds, folds)
 
