@@ -438,6 +438,38 @@ def label_components(ijk: np.ndarray) -> tuple[int, np.ndarray]:
     return int(count), labels.astype(np.int64)
 
 
+def part_score(volume: SparseVolume, min_voxels: int = 1) -> float:
+    """The part's score: the highest threshold at which ``find_defects(volume, threshold, min_voxels)`` finds a
+    defect, i.e. the largest t such that a connected region of at least ``min_voxels`` voxels scores >= t
+    everywhere. So a part fails (score >= 1.0) exactly when its verdict can name a defect of that size. With
+    ``min_voxels`` 1 it is the volume's maximum; 0.0 for an empty volume or one with no such region."""
+    if min_voxels < 1:
+        raise ValueError(f"min_voxels must be >= 1, got {min_voxels}")
+    if len(volume) == 0:
+        return 0.0
+    ordered = np.sort(volume.score.astype(np.float64))[::-1]
+    if min_voxels == 1:
+        return float(ordered[0])
+
+    def has_region(i: int) -> bool:  # a region of min_voxels voxels at threshold ordered[i]
+        count, labels = label_components(volume.ijk[volume.score >= ordered[i]])
+        return bool(count) and int(np.bincount(labels).max()) >= min_voxels
+
+    n = len(ordered)
+    if n < min_voxels:
+        return 0.0
+    # has_region can only hold from index min_voxels - 1 on (ties aside, which give the same value)
+    lo, hi = min_voxels - 2, min_voxels - 1
+    while hi < n - 1 and not has_region(hi):  # galloping: the answer is usually among the highest voxels
+        lo, hi = hi, min(2 * hi + 1, n - 1)
+    if not has_region(hi):
+        return 0.0
+    while hi - lo > 1:  # has_region(lo) is false (or lo < 0), has_region(hi) is true
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if has_region(mid) else (mid, hi)
+    return float(ordered[hi])
+
+
 def find_defects(
     volume: SparseVolume,
     threshold: float,

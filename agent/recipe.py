@@ -90,7 +90,7 @@ class RecipeSettings:
     expected_views: int
     min_views: int
     fusion_rule: str = "topk"
-    min_defect_voxels: int = 2
+    min_defect_voxels: int = 1
     target_false_reject_rate: float = 0.01
     threshold_margin: float = 1.25
     placement_views: int = 3  # refinement uses the latest this many views of a part
@@ -191,8 +191,8 @@ class Calibration:
 
     A view's combined map is ``max_c w_c (channel_c - offset_c) / scale_c`` over :data:`CHANNELS`
     (``w`` = :data:`agent.anomaly.CHANNEL_WEIGHTS`); the part
-    score is the maximum of the fused volume of combined maps divided by ``raw_threshold`` (so the verdict
-    threshold is 1.0). ``nominal_part_scores`` are the raw scores of the nominal pseudo-parts the threshold
+    score is :func:`agent.fusion.part_score` of the fused volume of combined maps (the highest level at which a
+    region of ``min_defect_voxels`` voxels exists) divided by ``raw_threshold`` (so the verdict threshold is 1.0). ``nominal_part_scores`` are the raw scores of the nominal pseudo-parts the threshold
     was chosen from (their quantile at ``1 - target_false_reject_rate`` times the margin).
     """
 
@@ -220,6 +220,9 @@ class Calibration:
     # (reference_views.npz) instead of the golden surface colour, measured on the teach-in parts; None: the recipe has
     # no reference views.
     reference_channel_scale: list[float] | None = None
+    # The part scores above were agent.fusion.part_score over regions of this many voxels; it must equal the recipe's
+    # min_defect_voxels (a recipe enrolled before the key existed was calibrated on the volume's maximum: 1).
+    part_score_min_voxels: int = 1
 
     def surface_scale(self, with_references: bool) -> list[float]:
         """The surface channels' scales of a view whose colour was compared with reference views (``with_references``)
@@ -259,6 +262,8 @@ class Calibration:
                 raise ValueError(f"{name} must be finite and >= 0")
         if self.surface_teach_in_part_scores and self.surface_raw_threshold is None:
             raise ValueError("surface_teach_in_part_scores without a surface_raw_threshold")
+        if self.part_score_min_voxels < 1:
+            raise ValueError(f"part_score_min_voxels must be >= 1, got {self.part_score_min_voxels}")
         if self.reference_channel_scale is not None:
             if len(self.reference_channel_scale) != n_surface or not all(math.isfinite(v) and v > 0 for v in self.reference_channel_scale):
                 raise ValueError(f"reference_channel_scale must be {n_surface} positive values, got {self.reference_channel_scale}")
@@ -287,6 +292,7 @@ class Calibration:
             "teach_in_part_scores": [float(v) for v in self.teach_in_part_scores],
             "surface_teach_in_part_scores": [float(v) for v in self.surface_teach_in_part_scores],
             "reference_channel_scale": None if self.reference_channel_scale is None else [float(v) for v in self.reference_channel_scale],
+            "part_score_min_voxels": int(self.part_score_min_voxels),
         }
 
     @classmethod
@@ -323,6 +329,7 @@ class Calibration:
                 teach_in_part_scores=[float(v) for v in data.get("teach_in_part_scores", [])],
                 surface_teach_in_part_scores=[float(v) for v in data.get("surface_teach_in_part_scores", [])],
                 reference_channel_scale=None if data.get("reference_channel_scale") is None else [float(v) for v in data["reference_channel_scale"]],
+                part_score_min_voxels=int(data.get("part_score_min_voxels", 1)),
             )
             calibration.validate()
         except (TypeError, ValueError) as e:
@@ -465,6 +472,9 @@ def load_recipe(root: str | os.PathLike) -> Recipe:
     if not isinstance(calibration_data, dict):
         raise RecipeError(path, "top level must be a JSON object")
     calibration = Calibration.from_json(calibration_data, path)
+    if calibration.part_score_min_voxels != settings.min_defect_voxels:
+        raise RecipeError(path, f"the threshold was calibrated on part scores over regions of {calibration.part_score_min_voxels} voxel(s); "
+                                f"{RECIPE_FILE} asks for min_defect_voxels = {settings.min_defect_voxels}: enrol the recipe again")
     try:
         model = load_ply(root / MODEL_FILE)
     except ValueError as e:

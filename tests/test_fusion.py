@@ -14,6 +14,7 @@ from agent.fusion import (
     SparseVolume,
     VoxelAccumulator,
     find_defects,
+    part_score,
     incidence_cosines,
     label_components,
 )
@@ -275,3 +276,33 @@ def test_defect_region_is_frozen():
     region = DefectRegion(1, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 1.0, 1, ())
     with pytest.raises(AttributeError):
         region.id = 2  # type: ignore[misc]
+
+
+def test_part_score_is_the_highest_threshold_with_a_reportable_defect():
+    # a lone peak of 5.0, a pair at (3.0, 2.5), a run of three at (2.0, 1.8, 1.2), far apart
+    ijk = np.array([[0, 0, 0], [10, 0, 0], [11, 0, 0], [20, 0, 0], [21, 1, 0], [22, 1, 1]])
+    score = np.array([5.0, 3.0, 2.5, 2.0, 1.8, 1.2], np.float32)
+    volume = SparseVolume(0.01, np.zeros(3), ijk, score)
+    assert part_score(volume, 1) == pytest.approx(5.0)
+    assert part_score(volume, 2) == pytest.approx(2.5)  # the pair: min(3.0, 2.5)
+    assert part_score(volume, 3) == pytest.approx(1.2)
+    assert part_score(volume, 4) == 0.0  # no region of four voxels at any threshold
+    assert part_score(SparseVolume(0.01, np.zeros(3), np.zeros((0, 3), np.int32), np.zeros(0, np.float32)), 2) == 0.0
+    with pytest.raises(ValueError, match="min_voxels"):
+        part_score(volume, 0)
+
+
+def test_part_score_agrees_with_find_defects_on_random_volumes():
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        n = int(rng.integers(1, 400))
+        ijk = np.unique(rng.integers(0, 12, size=(n, 3)), axis=0).astype(np.int32)
+        score = rng.choice([0.5, 1.0, 1.5, 2.0], size=len(ijk)).astype(np.float32) if trial % 3 == 0 else rng.gamma(2.0, 0.5, len(ijk)).astype(np.float32)
+        volume = SparseVolume(0.01, np.zeros(3), ijk, score)
+        for k in (1, 2, 5):
+            s = part_score(volume, k)
+            if s > 0:
+                assert find_defects(volume, s, k), (trial, k)  # a defect at the score...
+            above = score[score > s]
+            if len(above):
+                assert not find_defects(volume, float(above.min()), k), (trial, k)  # ...and none just above it

@@ -148,6 +148,15 @@ def test_malformed_but_hash_consistent_files_are_rejected_clearly(saved):
     with pytest.raises(RecipeError, match="surface_channel_scale must be 4 positive values"):
         load_recipe(root)
     _rewrite(root, CALIBRATION_FILE, json.dumps(make_recipe().calibration.to_json()))
+    # a recipe enrolled before part scores followed min_defect_voxels: calibrated on the maximum, 2 voxels asked for
+    del old["part_score_min_voxels"]
+    old["surface_channel_scale"] = [1.0] * 4
+    _rewrite(root, CALIBRATION_FILE, json.dumps(old))
+    _rewrite(root, RECIPE_FILE, original.replace("min_defect_voxels = 1", "min_defect_voxels = 2"))
+    with pytest.raises(RecipeError, match="calibrated on part scores over regions of 1 voxel\\(s\\); recipe.toml asks for min_defect_voxels = 2: enrol"):
+        load_recipe(root)
+    _rewrite(root, RECIPE_FILE, original)
+    _rewrite(root, CALIBRATION_FILE, json.dumps(make_recipe().calibration.to_json()))
     _rewrite(root, MODEL_FILE, "ply\nnot really\n")
     with pytest.raises(RecipeError, match=f"{MODEL_FILE}: not a readable PLY"):
         load_recipe(root)
