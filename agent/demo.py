@@ -180,6 +180,21 @@ def outcome(truth: str, verdict: str | None) -> str | None:
     return "escape" if verdict == "pass" else "false reject"
 
 
+LOCATED_MARGIN_M = 0.01  # a reported defect names a true one when its box comes this close to the true blob
+
+
+def defect_located(defects, truth_blobs, margin_m: float = LOCATED_MARGIN_M) -> bool:
+    """Whether one of the verdict's ``defects`` (``bbox_min`` / ``bbox_max``, world frame) comes within ``margin_m`` of a
+    true defect blob (``(centre, radius_m)`` pairs, world frame): the defect was found where it is."""
+    for d in defects:
+        lo, hi = np.asarray(d.bbox_min, dtype=np.float64), np.asarray(d.bbox_max, dtype=np.float64)
+        for centre, radius in truth_blobs:
+            c = np.asarray(centre, dtype=np.float64)
+            if np.linalg.norm(c - np.clip(c, lo, hi)) <= radius + margin_m:
+                return True
+    return False
+
+
 # ------------------------------------------------------------------------------------------ recipe cache
 
 
@@ -441,10 +456,18 @@ class PartStatus:
     last_view_at: float | None = None  # monotonic, when the demo saw the last progress message
     verdict: Verdict | None = None
     verdict_after_ms: float | None = None  # last progress message -> verdict message, as the demo saw them
+    truth_blobs: list[tuple[list[float], float]] = field(default_factory=list)  # (centre, radius_m), world frame
 
     @property
     def outcome(self) -> str | None:
         return outcome(self.truth, self.verdict.verdict if self.verdict else None)
+
+    @property
+    def located(self) -> bool | None:
+        """For a defective part that failed: whether its verdict named the place of a true defect; else None."""
+        if self.outcome != "correct" or self.truth == "good" or not self.truth_blobs:
+            return None
+        return defect_located(self.verdict.defects, self.truth_blobs)
 
 
 class AgentWatcher:
@@ -537,7 +560,7 @@ def _ms(values: list[float]) -> str:
     return f"{np.mean(values):.0f}" if values else ""
 
 
-TABLE_CAPTION = "score: the latest view's; latency: frame received -> view inspected, mean over the part (it grows while the robot is ahead of the agent); verdict ms: after the last view"
+TABLE_CAPTION = "vs truth: elsewhere = rejected, but no defect named within 1 cm of the true one; score: the latest view's; latency: frame received -> view inspected, mean over the part (it grows while the robot is ahead of the agent); verdict ms: after the last view"
 
 
 def parts_table(parts: list[PartStatus], title: str) -> Table:
@@ -556,6 +579,8 @@ def parts_table(parts: list[PartStatus], title: str) -> Table:
         else:
             verdict = Text(p.state if p.state != "waiting" else "", style="dim")
         result = Text(p.outcome if p.outcome not in (None, "incomplete") else "", style=OUTCOME_STYLE.get(p.outcome or "", ""))
+        if p.located is False:  # rejected, but not where the defect is
+            result = Text("elsewhere", style="yellow")
         after = "" if p.verdict_after_ms is None else f"{p.verdict_after_ms:.0f}"
         table.add_row(p.part_id, truth, views, score, verdict, result, _ms(p.view_latency_ms), after)
     return table
@@ -572,12 +597,15 @@ class DemoSummary:
     mean_view_processing_ms: float | None  # the verdicts' per_view_mean, averaged over parts
     mean_verdict_after_ms: float | None  # last progress -> verdict, seen by the client
     inspect_seconds: float
+    located: tuple[int, int] = (0, 0)  # defective parts rejected with a defect at a true one's place, of those rejected
 
     def line(self) -> str:
         v, o = self.verdicts, self.outcomes
         text = (f"{self.parts} parts: {v.get('pass', 0)} pass, {v.get('fail', 0)} fail, {v.get('incomplete', 0)} incomplete; "
                 f"against the truth {o.get('correct', 0)}/{self.parts} correct, {o.get('escape', 0)} escaped defects, "
                 f"{o.get('false reject', 0)} false rejects")  # fmt: skip
+        if self.located[1]:
+            text += f" ({self.located[0]} of {self.located[1]} rejected defective parts with a defect where a true one is)"
         if self.mean_view_latency_ms is not None:
             text += f"; per view {self.mean_view_latency_ms:.0f} ms mean latency ({self.mean_view_processing_ms or 0:.0f} ms processing)"
         if self.mean_verdict_after_ms is not None:
@@ -589,6 +617,7 @@ def summarise(parts: list[PartStatus], inspect_seconds: float) -> DemoSummary:
     done = [p for p in parts if p.verdict is not None]
     verdicts = {k: sum(1 for p in done if p.verdict.verdict == k) for k in ("pass", "fail", "incomplete")}
     outcomes = {k: sum(1 for p in done if p.outcome == k) for k in ("correct", "escape", "false reject", "incomplete")}
+    judged = [p.located for p in done if p.located is not None]
     latencies = [ms for p in parts for ms in p.view_latency_ms]
     processing = [p.verdict.timings_ms.per_view_mean for p in done if p.verdict.n_views]
     after = [p.verdict_after_ms for p in done if p.verdict_after_ms is not None]
@@ -596,6 +625,7 @@ def summarise(parts: list[PartStatus], inspect_seconds: float) -> DemoSummary:
         parts=len(parts),
         verdicts=verdicts,
         outcomes=outcomes,
+        located=(sum(judged), len(judged)),
         mean_view_latency_ms=float(np.mean(latencies)) if latencies else None,
         mean_view_processing_ms=float(np.mean(processing)) if processing else None,
         mean_verdict_after_ms=float(np.mean(after)) if after else None,
@@ -749,6 +779,8 @@ def run_demo(options: DemoOptions, console: Console) -> DemoSummary:
                     elif kind == "rendered":
                         part, capture = message
                         append_truth(options.out / TRUTH_FILE, part.part_id, options.recipe, capture)
+                        if part.part_id in rows and capture.gt is not None:
+                            rows[part.part_id].truth_blobs = [(list(d.center), float(d.radius_m)) for d in capture.gt.defects]
                     elif kind == "cell_failed":
                         raise DemoError(f"the simulated cell failed: {type(message).__name__}: {message}")
                     elif kind == "progress" and isinstance(message, ProgressMessage) and message.part_id in rows:

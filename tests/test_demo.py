@@ -323,3 +323,30 @@ def test_live_table_and_summary():
     assert summary.verdicts == {"pass": 0, "fail": 1, "incomplete": 0} and summary.outcomes["correct"] == 1
     assert summary.mean_view_latency_ms == pytest.approx(2800.0 / 3) and summary.mean_view_processing_ms == 700.0
     assert "3 parts: 0 pass, 1 fail, 0 incomplete; against the truth 1/3 correct" in summary.line()
+
+
+def test_a_rejected_defective_part_is_judged_by_where_its_defects_are():
+    from agent.contract import VerdictDefect
+
+    def verdict(defects):
+        return Verdict.from_dict({
+            "part_id": "part-01", "recipe": "stool", "recipe_version": "sha256:" + "0" * 64, "verdict": "fail", "score": 1.2, "threshold": 1.0,
+            "defects": [d.to_dict() for d in defects], "n_views": 12, "placement": {"translation_m": [0.0, 0.0, 0.0], "rotation_deg": 0.0},
+            "timings_ms": {"total": 9000.0, "per_view_mean": 700.0, "finalise": 80.0}, "ts": 1.0, "agent_version": "0.1.0",
+        })  # fmt: skip
+
+    near = VerdictDefect(1, (0.10, 0.0, 0.1), (0.095, -0.005, 0.095), (0.105, 0.005, 0.105), 1.2, 3, ("001",))
+    far = VerdictDefect(2, (0.0, 0.2, 0.1), (-0.005, 0.195, 0.095), (0.005, 0.205, 0.105), 1.1, 1, ("004",))
+    blob = [([0.12, 0.0, 0.1], 0.008)]  # 15 mm from the near box: within its radius + 1 cm
+    assert demo.defect_located([near], blob) and demo.defect_located([far, near], blob)
+    assert not demo.defect_located([far], blob) and not demo.defect_located([], blob)
+    assert not demo.defect_located([near], [([0.13, 0.0, 0.1], 0.008)])  # 25 mm: too far
+    elsewhere = demo.PartStatus("part-01", "stain", 12, state="done", views_done=12, verdict=verdict([far]), truth_blobs=blob)
+    found = demo.PartStatus("part-02", "stain", 12, state="done", views_done=12, verdict=verdict([near]), truth_blobs=blob)
+    assert elsewhere.outcome == "correct" and elsewhere.located is False and found.located is True
+    console = Console(width=120, record=True)
+    console.print(demo.parts_table([elsewhere, found], "title"))
+    lines = console.export_text().splitlines()
+    assert "elsewhere" in next(x for x in lines if "part-01" in x) and "correct" in next(x for x in lines if "part-02" in x)
+    summary = demo.summarise([elsewhere, found], 10.0)
+    assert summary.located == (1, 2) and "(1 of 2 rejected defective parts with a defect where a true one is)" in summary.line()
