@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,7 +48,8 @@ from rich.table import Table
 from rich.text import Text
 
 from agent import __version__
-from agent.contract import ContractError, ErrorMessage, Progress as ProgressMessage, Status, Verdict, check_id, parse_outbound
+from agent.capture import DefectGT
+from agent.contract import ContractError, ErrorMessage, Progress as ProgressMessage, Status, Verdict, VerdictDefect, check_id, parse_outbound
 from agent.pipeline import EnrollConfig
 from agent.report.render import REPORTS_DIR, SUMMARY_FILE
 from agent.sim import PRODUCTS, SimConfig
@@ -183,14 +184,14 @@ def outcome(truth: str, verdict: str | None) -> str | None:
 LOCATED_MARGIN_M = 0.01  # a reported defect names a true one when its box comes this close to the true blob
 
 
-def defect_located(defects, truth_blobs, margin_m: float = LOCATED_MARGIN_M) -> bool:
-    """Whether one of the verdict's ``defects`` (``bbox_min`` / ``bbox_max``, world frame) comes within ``margin_m`` of a
-    true defect blob (``(centre, radius_m)`` pairs, world frame): the defect was found where it is."""
+def defect_located(defects: Sequence[VerdictDefect], truth: Sequence[DefectGT], margin_m: float = LOCATED_MARGIN_M) -> bool:
+    """Whether one of the verdict's ``defects`` (their boxes, world frame) comes within ``margin_m`` of a true defect
+    blob (its centre and radius, world frame): the defect was found where it is."""
     for d in defects:
         lo, hi = np.asarray(d.bbox_min, dtype=np.float64), np.asarray(d.bbox_max, dtype=np.float64)
-        for centre, radius in truth_blobs:
-            c = np.asarray(centre, dtype=np.float64)
-            if np.linalg.norm(c - np.clip(c, lo, hi)) <= radius + margin_m:
+        for t in truth:
+            c = np.asarray(t.center, dtype=np.float64)
+            if np.linalg.norm(c - np.clip(c, lo, hi)) <= t.radius_m + margin_m:
                 return True
     return False
 
@@ -456,7 +457,7 @@ class PartStatus:
     last_view_at: float | None = None  # monotonic, when the demo saw the last progress message
     verdict: Verdict | None = None
     verdict_after_ms: float | None = None  # last progress message -> verdict message, as the demo saw them
-    truth_blobs: list[tuple[list[float], float]] = field(default_factory=list)  # (centre, radius_m), world frame
+    truth_defects: list[DefectGT] = field(default_factory=list)  # the part's true defect blobs, once it is rendered
 
     @property
     def outcome(self) -> str | None:
@@ -465,9 +466,9 @@ class PartStatus:
     @property
     def located(self) -> bool | None:
         """For a defective part that failed: whether its verdict named the place of a true defect; else None."""
-        if self.outcome != "correct" or self.truth == "good" or not self.truth_blobs:
+        if self.outcome != "correct" or self.truth == "good" or not self.truth_defects:
             return None
-        return defect_located(self.verdict.defects, self.truth_blobs)
+        return defect_located(self.verdict.defects, self.truth_defects)
 
 
 class AgentWatcher:
@@ -780,7 +781,7 @@ def run_demo(options: DemoOptions, console: Console) -> DemoSummary:
                         part, capture = message
                         append_truth(options.out / TRUTH_FILE, part.part_id, options.recipe, capture)
                         if part.part_id in rows and capture.gt is not None:
-                            rows[part.part_id].truth_blobs = [(list(d.center), float(d.radius_m)) for d in capture.gt.defects]
+                            rows[part.part_id].truth_defects = list(capture.gt.defects)
                     elif kind == "cell_failed":
                         raise DemoError(f"the simulated cell failed: {type(message).__name__}: {message}")
                     elif kind == "progress" and isinstance(message, ProgressMessage) and message.part_id in rows:

@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import numpy as np
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from rich.console import Console
@@ -326,6 +327,7 @@ def test_live_table_and_summary():
 
 
 def test_a_rejected_defective_part_is_judged_by_where_its_defects_are():
+    from agent.capture import DefectGT
     from agent.contract import VerdictDefect
 
     def verdict(defects):
@@ -337,12 +339,12 @@ def test_a_rejected_defective_part_is_judged_by_where_its_defects_are():
 
     near = VerdictDefect(1, (0.10, 0.0, 0.1), (0.095, -0.005, 0.095), (0.105, 0.005, 0.105), 1.2, 3, ("001",))
     far = VerdictDefect(2, (0.0, 0.2, 0.1), (-0.005, 0.195, 0.095), (0.005, 0.205, 0.105), 1.1, 1, ("004",))
-    blob = [([0.12, 0.0, 0.1], 0.008)]  # 15 mm from the near box: within its radius + 1 cm
+    blob = [DefectGT(1, "stain", np.array([0.12, 0.0, 0.1]), 0.008)]  # 15 mm from the near box: within its radius + 1 cm
     assert demo.defect_located([near], blob) and demo.defect_located([far, near], blob)
     assert not demo.defect_located([far], blob) and not demo.defect_located([], blob)
-    assert not demo.defect_located([near], [([0.13, 0.0, 0.1], 0.008)])  # 25 mm: too far
-    elsewhere = demo.PartStatus("part-01", "stain", 12, state="done", views_done=12, verdict=verdict([far]), truth_blobs=blob)
-    found = demo.PartStatus("part-02", "stain", 12, state="done", views_done=12, verdict=verdict([near]), truth_blobs=blob)
+    assert not demo.defect_located([near], [DefectGT(1, "stain", np.array([0.13, 0.0, 0.1]), 0.008)])  # 25 mm: too far
+    elsewhere = demo.PartStatus("part-01", "stain", 12, state="done", views_done=12, verdict=verdict([far]), truth_defects=blob)
+    found = demo.PartStatus("part-02", "stain", 12, state="done", views_done=12, verdict=verdict([near]), truth_defects=blob)
     assert elsewhere.outcome == "correct" and elsewhere.located is False and found.located is True
     console = Console(width=120, record=True)
     console.print(demo.parts_table([elsewhere, found], "title"))
