@@ -169,7 +169,10 @@ class DemoProcess:
     """`agent demo` in a subprocess with the tiny enrolment (for signals); ``wait_for(pattern)`` reads its output."""
 
     def __init__(self, args: list[str]):
-        code = f"import agent.demo as d; from agent.pipeline import EnrollConfig; d.DEMO_ENROLL_CONFIG = {TINY_ENROLL_CODE}; from agent.cli import app; app({args!r})"
+        # Ctrl-C must reach it as a terminal's would, also where the test run itself was started with SIGINT ignored (a
+        # background job of a non-interactive shell): a Python started so never raises KeyboardInterrupt.
+        code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                f"import agent.demo as d; from agent.pipeline import EnrollConfig; d.DEMO_ENROLL_CONFIG = {TINY_ENROLL_CODE}; from agent.cli import app; app({args!r})")  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
         self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
