@@ -294,6 +294,13 @@ GEOMETRY_BASELINE = 10.0
 # filters (4-8 px long, max over 8 directions) as a fourth channel 0.888 / -; a thin brightness band-pass as a fourth
 # channel 0.925 / 0.738-0.863; the reference's own highlight taken out too 0.75 / 0.81. Thin scratches stay at the
 # noise floor at 256 px (a bracket scratch covers 10-30 pixels of a view).
+# Also measured and not kept (session 10): instead of the closest reference per pixel, a local mix of the references
+# fitted to the part's own light (weights by least squares over a 6 px Gaussian window, a small ridge towards their
+# mean), meant to explain shadow and highlight edges moved by the light, which are most good parts' highest colour
+# evidence (a highlight band on the vase, a cast shadow on the stool's legs). On the tuning seed I-AUROC bracket / vase /
+# stool 0.900 / 0.913 / 0.975 -> 0.900 / 0.913 / 1.000 (vase scratches on the colour alone 0.47 / 0.58 -> 0.70 / 0.72
+# of the highest good part); on the bench's fresh seed (4248) 0.688 / 0.850 / 0.875 -> 0.675 / 0.825 / 0.887, mean
+# 0.804 -> 0.796, with two good vases over the threshold (1.26): it did not carry over.
 REFERENCE_COLOUR_SIGMA = 0.375
 # The colour scale against reference views is at least this (a 3 % local change).
 REFERENCE_COLOUR_SCALE_FLOOR = 0.03
