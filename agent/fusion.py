@@ -447,9 +447,9 @@ def part_score(volume: SparseVolume, min_voxels: int = 1) -> float:
         raise ValueError(f"min_voxels must be >= 1, got {min_voxels}")
     if len(volume) == 0:
         return 0.0
+    if min_voxels == 1:  # the default: no sort needed on every part's finalise
+        return float(volume.score.max())
     ordered = np.sort(volume.score.astype(np.float64))[::-1]
-    if min_voxels == 1:
-        return float(ordered[0])
 
     def has_region(i: int) -> bool:  # a region of min_voxels voxels at threshold ordered[i]
         count, labels = label_components(volume.ijk[volume.score >= ordered[i]])
