@@ -21,7 +21,8 @@ only where its evidence is well above anything nominal.
 
 Views with depth are scored against the recipe's nominal surface instead (:func:`surface_channel_maps`,
 :data:`SURFACE_CHANNELS`): extra material, material inside the surface, colour, and material missing in the line
-of sight; :func:`combine_surface_channels` divides each by its typical peak on nominal views and takes the maximum.
+of sight; :func:`combine_surface_channels` divides each by its typical peak on nominal views, takes the maximum and
+widens it by a pixel (:func:`localisation_tolerance`).
 
 Plain functions on arrays/tensors, no I/O.
 """
@@ -305,6 +306,9 @@ REFERENCE_COLOUR_SIGMA = 0.375
 # The colour scale against reference views is at least this (a 3 % local change).
 REFERENCE_COLOUR_SCALE_FLOOR = 0.03
 REFERENCE_SCALE_FLOORS = (*GEOMETRY_SCALE_FLOORS, REFERENCE_COLOUR_SCALE_FLOOR, MISSING_SCALE_FLOOR)
+# The combined surface map's localisation tolerance (:func:`localisation_tolerance`), in map sigmas: 1 px each at 256 px.
+LOCALISATION_RADIUS = 0.25
+LOCALISATION_SIGMA = 0.25
 
 
 @dataclass
@@ -345,7 +349,28 @@ def combine_surface_channels(maps: np.ndarray, scale=(1.0, 1.0, 1.0, 1.0)) -> np
     """H x W float32: ``max_c w[c] maps[c] / scale[c]`` over the surface channels (each in its own units: nominal
     tolerances, colour contrast, share of pixels seen through; ``scale`` = each channel's typical peak on held-out
     nominal views, so that none dominates;
-    ``w`` = :data:`SURFACE_CHANNEL_WEIGHTS`)."""
+    ``w`` = :data:`SURFACE_CHANNEL_WEIGHTS`), then widened to the map's localisation tolerance
+    (:func:`localisation_tolerance`)."""
     sc = np.asarray(scale, dtype=np.float32)[:, None, None]
     w = np.asarray(SURFACE_CHANNEL_WEIGHTS, dtype=np.float32)[:, None, None]
-    return (w * np.asarray(maps, dtype=np.float32) / sc).max(axis=0)
+    return localisation_tolerance((w * np.asarray(maps, dtype=np.float32) / sc).max(axis=0))
+
+
+def localisation_tolerance(score_map: np.ndarray) -> np.ndarray:
+    """H x W float32: each pixel takes the highest score within :data:`LOCALISATION_RADIUS` map sigmas (a 3 x 3
+    maximum at 256 px), smoothed over :data:`LOCALISATION_SIGMA` map sigmas (1 px at 256 px).
+
+    The surface evidence exists only where the camera measured depth on the nominal surface, so a defect's outline
+    pixels (depth edges, the see-through pixels of missing material, a thin scratch's sub-pixel border) score 0 or
+    little even where the evidence next to them is high. A pixel-level map is only as precise as the placement and
+    the depth edges anyway (about a pixel); this makes it say so. Measured with the harness of `agent eval` (surface
+    maps of every test view, 256 px, 3 recipes x 8 good + 10 defective parts, 3 teach-in parts, the tuning seed 21 and
+    the fresh seed 4248): P-AUROC 0.961 -> 0.980 (seed 4248: 0.956 -> 0.977), AU-PRO@0.3 0.776 -> 0.802, and
+    part-level I-AUROC, the same maps fused, 0.867 -> 0.875. A 5 x 5 maximum scored the same P-AUROC; a 3 x 3 maximum
+    with a 2 px blur P-AUROC 0.978 and I-AUROC 0.842, a 2 px blur alone 0.974 and 0.804 (it averages thin evidence
+    away)."""
+    score_map = np.asarray(score_map, dtype=np.float32)
+    sigma = map_sigma_px(score_map.shape[1])
+    radius = max(1, int(round(LOCALISATION_RADIUS * sigma)))
+    widened = scipy.ndimage.maximum_filter(score_map, size=2 * radius + 1)
+    return scipy.ndimage.gaussian_filter(widened, LOCALISATION_SIGMA * sigma).astype(np.float32)

@@ -72,3 +72,18 @@ def test_geometry_counts_only_well_above_its_nominal_peak():
     combined = anomaly.combine_channels(maps, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
     assert combined[0, 0] == pytest.approx(0.9) and combined[1, 1] == pytest.approx(1.5)
     assert combined[2, 2] < 1.0 and combined[3, 3] == pytest.approx(2.0)
+
+
+def test_surface_map_widens_evidence_by_a_pixel_and_keeps_it_local():
+    maps = np.zeros((len(anomaly.SURFACE_CHANNELS), 256, 256), np.float32)
+    maps[anomaly.SURFACE_CHANNELS.index("colour"), 100, 100] = 2.0  # one pixel of colour evidence at scale 2
+    maps[anomaly.SURFACE_CHANNELS.index("extra"), 180, 60:90] = 1.0  # a thin line of extra material
+    out = anomaly.combine_surface_channels(maps, scale=(1.0, 1.0, 2.0, 1.0))
+    assert out.dtype == np.float32 and out.shape == (256, 256)
+    assert np.unravel_index(np.argmax(out[:150]), (150, 256)) == (100, 100)  # the peak stays where it was
+    assert 0.6 < out[100, 100] <= 1.0  # scaled by 1/2, widened over 3 x 3 and smoothed by 1 px: about 0.75
+    assert out[100, 101] > 0.5 and out[99, 99] > 0.3  # the pixels next to it now share the evidence
+    assert out[100, 104] < 0.02 and out[96, 100] < 0.02  # but it stays local
+    assert out[181, 75] > 0.6 and out[183, 75] < 0.1  # the line is one pixel wider on each side, not more
+    flat = anomaly.combine_surface_channels(np.full_like(maps, 0.3), scale=(1.0, 1.0, 1.0, 1.0))
+    np.testing.assert_allclose(flat, 0.3, rtol=1e-5)  # a uniform level keeps its value
