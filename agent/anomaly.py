@@ -367,9 +367,9 @@ def localisation_tolerance(score_map: np.ndarray) -> np.ndarray:
     maps of every test view, 256 px, 3 recipes x 8 good + 10 defective parts, 3 teach-in parts, the tuning seed 21 and
     the fresh seed 4248): P-AUROC 0.961 -> 0.980 (seed 4248: 0.956 -> 0.977), AU-PRO@0.3 0.776 -> 0.802, and
     part-level I-AUROC, the same maps fused, 0.867 -> 0.875; on the bench's fresh seed 6113 afterwards P-AUROC 0.970 ->
-    0.982, V-AUPRO@1% 0.376 -> 0.395, I-AUROC 0.796 -> 0.783 (one pair per recipe). A 5 x 5 maximum scored the same P-AUROC; a 3 x 3 maximum
-    with a 2 px blur P-AUROC 0.978 and I-AUROC 0.842, a 2 px blur alone 0.974 and 0.804 (it averages thin evidence
-    away)."""
+    0.982, V-AUPRO@1% 0.376 -> 0.395, I-AUROC 0.796 -> 0.783 (one pair per recipe). A 5 x 5 maximum scored the same
+    P-AUROC; a 3 x 3 maximum with a 2 px blur P-AUROC 0.978 and I-AUROC 0.842, a 2 px blur alone 0.974 and 0.804 (it
+    averages thin evidence away)."""
     score_map = np.asarray(score_map, dtype=np.float32)
     sigma = map_sigma_px(score_map.shape[1])
     radius = max(1, int(round(LOCALISATION_RADIUS * sigma)))
