@@ -153,6 +153,47 @@ def test_teach_in_sets_the_threshold_from_nominal_parts_inspected_like_parts(cel
     assert inspect_capture(inspector, bad, "bad")[0].verdict == "fail"
 
 
+def test_teach_in_outliers_are_the_parts_far_above_the_others_median():
+    from agent.pipeline import teach_in_outliers
+
+    assert teach_in_outliers([1.2, 12.2, 1.5]) == [1]  # a teach-in part placed 2.6 mm off (seed 9090's bracket)
+    assert teach_in_outliers([2.89, 1.31, 1.29]) == []  # the widest nominal spread measured (2.2x)
+    assert teach_in_outliers([1.0, 4.1, 1.0, 5.0], factor=4.0) == [1, 3]
+    assert teach_in_outliers([1.0, 9.0]) == []  # of two parts neither can be told odd
+    assert teach_in_outliers([]) == []
+
+
+@pytest.mark.slow
+def test_an_outlier_teach_in_part_is_left_out_of_the_references_and_the_threshold(recipe, teach_in_parts, tmp_path, monkeypatch):
+    from agent import pipeline
+    from agent.pipeline import EnrollConfig, calibrate_on_teach_in
+    from agent.pipeline_cli import threshold_summary
+    from agent.recipe import load_recipe, save_recipe
+
+    parts = [*teach_in_parts, teach_in_parts[0]]
+    calls = []
+    real = pipeline._reference_view_calibration
+
+    def calibration(recipe, parts, progress=None):  # the real calibration, scores as if the last part had slid
+        calls.append((recipe.references.parts, len(parts)))
+        real(recipe, parts)
+        return [1.0, 1.2, 9.0] if len(calls) == 1 else [1.0, 1.2]
+
+    monkeypatch.setattr(pipeline, "_reference_view_calibration", calibration)
+    unsaved = load_recipe(recipe.root)
+    unsaved.version = ""
+    calibrate_on_teach_in(unsaved, parts, EnrollConfig(model_mode="fast", expected_views=6, reference_margin=1.2))
+    cal = unsaved.calibration
+    assert calls == [(3, 3), (2, 2)]  # calibrated again without it, its views no longer references
+    assert unsaved.references.parts == 2 and len(unsaved.references) == sum(len(p.frames) for p in teach_in_parts)
+    assert cal.surface_teach_in_part_scores == [1.0, 1.2]
+    assert cal.surface_raw_threshold == pytest.approx(np.quantile([1.0, 1.2], 0.99) * 1.2)
+    (odd,) = cal.notes["teach_in_excluded"]
+    assert odd["teach_in_part"] == 2 and odd["raw_score"] == 9.0 and odd["others_median"] == pytest.approx(1.1)
+    summary = threshold_summary(load_recipe(save_recipe(unsaved, tmp_path)))
+    assert "teach-in part 2" in summary and "left out of the calibration" in summary and "8.2x the other parts' median" in summary
+
+
 @pytest.mark.slow
 def test_two_teach_in_parts_become_reference_views_calibrated_leaving_one_part_out(cell_data, recipe, teach_in_parts, tmp_path):
     from agent.pipeline import EnrollConfig, RecipeInspector, calibrate_on_teach_in, inspect_capture
