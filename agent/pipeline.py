@@ -415,7 +415,7 @@ def calibrate_on_teach_in(
         odd = teach_in_outliers(surface_scores)
         if odd and len(surface_parts) - len(odd) >= MIN_REFERENCE_PARTS:
             cal.notes["teach_in_excluded"] = [
-                {"teach_in_part": surface_index[i], "capture": str(getattr(surface_parts[i][0], "root", "") or ""), "raw_score": float(surface_scores[i]),
+                {"teach_in_part": surface_index[i], "capture": str(surface_parts[i][0].root or ""), "raw_score": float(surface_scores[i]),
                  "others_median": float(np.median(np.delete(np.asarray(surface_scores), i)))} for i in odd
             ]  # fmt: skip
             surface_parts = [p for i, p in enumerate(surface_parts) if i not in odd]

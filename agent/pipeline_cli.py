@@ -51,7 +51,8 @@ def threshold_summary(recipe) -> str:
         if teach_in and isinstance(lvo, (int, float)):
             line += f" (the leave-views-out threshold was {lvo / raw:.2f}x this)"
         lines.append(line)
-    for odd in cal.notes.get("teach_in_excluded", []) if isinstance(cal.notes.get("teach_in_excluded"), list) else []:
+    excluded = cal.notes.get("teach_in_excluded")  # from calibration.json: only a list is read
+    for odd in excluded if isinstance(excluded, list) else []:
         where = f" ({odd['capture']})" if odd.get("capture") else ""
         lines.append(f"teach-in part {odd['teach_in_part']}{where} left out of the calibration: it scored {odd['raw_score']:.3g}, "
                      f"{odd['raw_score'] / odd['others_median']:.1f}x the other parts' median; check its placement in the "
