@@ -61,10 +61,11 @@ Progress = Callable[[str, int, int], None]  # (stage description, done, total)
 # Teach-in parts needed for reference views (agent.reference_views): their calibration leaves one part out.
 MIN_REFERENCE_PARTS = 2
 # A teach-in part whose leave-one-part-out surface score exceeds this many times the median of the other parts' is not
-# nominal to calibrate on (:func:`teach_in_outliers`): its placement slid (a prism-like part gives ICP little to hold
-# along its length) or it has a defect. Measured nominal spreads (the highest against the others' median): 1.5-2.4x
-# over 3 recipes x 3 seeds at 256 px; a bracket teach-in part placed 2.6 mm off along its length (seed 9090): 9.2x,
-# which set a threshold ten times too high, so that every bracket part of that seed would have passed.
+# nominal to calibrate on (:func:`teach_in_outliers`): it was misplaced in the fixture or by the placement, or it has a
+# defect. Measured nominal spreads (the highest against the others' median): 1.5-2.4x over 3 recipes x 3 seeds at
+# 256 px; a bracket teach-in part placed 2.6 mm off along its length (seed 9090, before fit_placement ranked its
+# hypotheses by distance to the surface): 9.2x, which set a threshold ten times too high, so that every bracket part
+# of that seed would have passed.
 TEACH_IN_OUTLIER_FACTOR = 4.0
 
 

@@ -15,7 +15,8 @@ tolerances fitted on nominal data only (leave-views-out, :func:`build_nominal_su
 Used at inspection (plain functions, no I/O):
 
 - :func:`fit_placement` places the part (its offset from the recipe frame) by robust point-to-plane ICP of the
-  observed depth against the surface: on the fixture's degrees of freedom (x, y, turn about z) by default.
+  observed depth against the surface: on the fixture's degrees of freedom (x, y, turn about z) by default, from
+  several starts ranked by the samples' distance to the surface (:func:`placement_distance`).
 - :func:`surface_residuals` gives, per pixel of a view, the evidence of extra material (a point in front of the
   surface: burr) and of material inside the nominal surface (dent, missing material's cut face), each divided by
   the point's tolerance (1 = the worst nominal case; inspection maps their signed difference as a local contrast,
@@ -71,6 +72,10 @@ REFERENCE_DEPTH_AGREEMENT_M = 0.004
 # millimetre off moves it by less), and not at its own depth edges (steps larger than the gap).
 SEE_THROUGH_GAP_TOLS = 4.0
 SEE_THROUGH_TOLERANCE_PX = 1
+# Placement hypotheses are compared by the mean distance of the observed points to their nearest nominal points,
+# each capped at this (a burr, or a region the golden views did not see, counts the same at every hypothesis). See
+# fit_placement: a part slid along a prism-like shape leaves its point-to-plane residuals as small as in place.
+PLACEMENT_DISTANCE_CAP_M = 0.003
 
 
 @dataclass
@@ -617,8 +622,15 @@ def fit_placement(
 
     ICP finds the nearest minimum; small parts with repeated features have several within the fixture's play. So a
     coarse stage starts from ``init`` and from offsets of +-``search_mm`` in x and y and +-``search_deg`` about z
-    (15 starts, 1000 samples each; both 0: ``init`` only, to refine a previous estimate), keeps the start whose residuals are smallest, and refines it with up to
-    ``max_points`` samples. Raises ValueError when the frames have too little depth on the part."""
+    (15 starts, 1000 samples each; both 0: ``init`` only, to refine a previous estimate), keeps the start whose
+    samples lie closest to the surface (:func:`placement_distance`), and refines it with up to ``max_points`` samples.
+    Not the start with the smallest point-to-plane residuals: along a prism-like part (a bracket) ICP barely moves,
+    and a placement slid a few millimetres along it leaves those residuals as small as in place (the samples beyond
+    the surface's end still lie on its planes), while their distance to the surface grows. Measured at 256 px, 4
+    seeds x 3 recipes, 252 parts after 3 views: the two bracket parts placed 2.7 mm off along the bracket by the
+    residual ranking are placed within 0.05 mm, a vase turned 0.76 deg off within 0.11 deg, and no other part moved
+    by more than 0.03 mm or 0.08 deg.
+    Raises ValueError when the frames have too little depth on the part."""
     if dof not in ("planar", "full"):
         raise ValueError(f"dof must be 'planar' or 'full', got {dof!r}")
     pts, cols = [], []
@@ -647,7 +659,8 @@ def fit_placement(
         d[:3, 3] = centre - d[:3, :3] @ centre + np.array([dx, dy, 0.0]) / 1000.0
         starts.append(T0 @ d)
     far = max(0.01, 3.0 * search_mm / 1000.0)
-    best = min((_icp(surface, coarse, T, dof, 10, far) for T in starts), key=lambda r: r[1])
+    fits = [_icp(surface, coarse, T, dof, 10, far) for T in starts]
+    best = min(fits, key=lambda r: placement_distance(surface, coarse, r[0]) if math.isfinite(r[1]) else math.inf)
     if not math.isfinite(best[1]):
         raise ValueError(f"placement failed: too few depth samples within {far * 1000:.0f} mm of the nominal surface")
     near = 4.0 * surface.spacing_m + 0.002
@@ -659,6 +672,15 @@ def fit_placement(
         T, scale, inl, it2 = _icp(surface, fine, T, "translation", 10, near)
         it += it2
     return PlacementFit(np.linalg.inv(T), float(scale), inl, it)
+
+
+def placement_distance(surface: NominalSurface, points: np.ndarray, T_recipe_world: np.ndarray) -> float:
+    """Metres: the mean distance of the observed ``points`` (world frame), mapped by ``T_recipe_world`` into the recipe
+    frame, to their nearest nominal surface points, each capped at PLACEMENT_DISTANCE_CAP_M. The cost that
+    :func:`fit_placement` ranks its placement hypotheses by."""
+    q = transform_points(np.asarray(T_recipe_world, dtype=np.float64), np.asarray(points, dtype=np.float64))
+    dist, _ = surface.tree.query(q, distance_upper_bound=PLACEMENT_DISTANCE_CAP_M)
+    return float(np.mean(np.minimum(dist, PLACEMENT_DISTANCE_CAP_M))) if len(q) else math.inf
 
 
 def _colour_turn(surface: NominalSurface, obs: np.ndarray, colour: np.ndarray, T: np.ndarray, range_deg: float, near: float) -> np.ndarray:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.geometry import rotation_about_axis, rotation_angle_deg
+from agent.capture import Frame
+from agent.geometry import Intrinsics, backproject_depth, look_at, pixel_rays, rotation_about_axis, rotation_angle_deg
 from agent.sim import SimConfig, enrollment_poses, inspection_poses, simulate_part
 from agent.surface import (
     MIN_COLOUR_TOL, MIN_GEOMETRY_TOL_M, SEE_THROUGH_GAP_TOLS, NominalSurface, build_nominal_surface, colour_contrast, expected_depth, fit_placement,
-    geometry_contrast, highlight_free_log_ratio, see_through, surface_residuals,
+    geometry_contrast, highlight_free_log_ratio, placement_distance, see_through, surface_residuals,
 )  # fmt: skip
 
 PRODUCT = "bracket"
@@ -66,6 +67,48 @@ def test_placement_recovers_the_fixture_offset(scene):
     guess[:3, :3] = rotation_about_axis(np.array([0.0, 0.0, 1.0]), np.radians(1.0))
     refined = fit_placement(surface, good.frames[:2], init=guess @ truth, search_mm=0.0, search_deg=0.0)
     assert np.linalg.norm(refined.T_world_part[:3, 3] - truth[:3, 3]) < 0.0005
+
+
+def _l_profile(spacing: float) -> NominalSurface:
+    """A grey L profile 50 mm long along x: a floor plate (z = 0, 30 mm deep in y) and a back wall (y = 0, 25 mm
+    high), as points on a grid of ``spacing``: a prism, like the bracket."""
+    xs = np.arange(-0.025, 0.025 + 1e-9, spacing)
+    floor = np.stack(np.meshgrid(xs, np.arange(0.0, 0.03 + 1e-9, spacing), [0.0], indexing="ij"), -1).reshape(-1, 3)
+    wall = np.stack(np.meshgrid(xs, [0.0], np.arange(spacing, 0.025 + 1e-9, spacing), indexing="ij"), -1).reshape(-1, 3)
+    normals = np.concatenate([np.tile([0.0, 0.0, 1.0], (len(floor), 1)), np.tile([0.0, 1.0, 0.0], (len(wall), 1))])
+    n = len(floor) + len(wall)
+    return NominalSurface(np.concatenate([floor, wall]).astype(np.float32), normals.astype(np.float32), np.full((n, 3), 0.5, np.float32),
+                          np.full(n, 0.0005, np.float32), np.full(n, 0.06, np.float32), spacing)  # fmt: skip
+
+
+def _l_profile_view(shift_x: float) -> Frame:
+    """A depth view of :func:`_l_profile` moved by ``shift_x`` along its length, from in front and above."""
+    K = Intrinsics(fx=220.0, fy=220.0, cx=64.0, cy=64.0, width=128, height=128)
+    c2w = look_at(np.array([0.03, 0.2, 0.15]), np.array([0.0, 0.01, 0.01]))
+    origins, dirs, z_per_t = pixel_rays(c2w, K)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_floor, t_wall = -origins[:, 2] / dirs[:, 2], -origins[:, 1] / dirs[:, 1]
+    x_floor, y_floor = (origins + t_floor[:, None] * dirs)[:, :2].T
+    x_wall, z_wall = (origins + t_wall[:, None] * dirs)[:, [0, 2]].T
+    on_floor = (t_floor > 0) & (np.abs(x_floor - shift_x) <= 0.025) & (y_floor >= 0) & (y_floor <= 0.03)
+    on_wall = (t_wall > 0) & (np.abs(x_wall - shift_x) <= 0.025) & (z_wall >= 0) & (z_wall <= 0.025)
+    t = np.minimum(np.where(on_floor, t_floor, np.inf), np.where(on_wall, t_wall, np.inf))
+    depth = np.where(np.isfinite(t), t * z_per_t, 0.0).reshape(128, 128).astype(np.float32)
+    return Frame(name="000", image=np.full((128, 128, 3), 128, np.uint8), intrinsics=K, c2w=c2w, depth=depth)
+
+
+def test_placement_is_not_fooled_by_a_slide_along_a_prism():
+    # Point-to-plane ICP cannot move a prism along its length, and a placement slid along it has residuals as small
+    # as the true one (the samples beyond the end still lie on its planes): the hypotheses are ranked by the samples'
+    # distance to the surface instead, which the slid ones increase.
+    surface = _l_profile(0.0005)
+    frame = _l_profile_view(0.003)
+    points = backproject_depth(frame.depth, frame.c2w, frame.intrinsics)[0]
+    slid, true = np.eye(4), np.eye(4)
+    true[0, 3] = -0.003  # world -> recipe
+    assert placement_distance(surface, points, true) < 0.8 * placement_distance(surface, points, slid)
+    fit = fit_placement(surface, [frame])  # init: the recipe placement, 3 mm off; the search reaches it
+    assert abs(fit.T_world_part[0, 3] - 0.003) < 0.0003 and abs(fit.T_world_part[1, 3]) < 0.0003
 
 
 def test_placement_without_depth_is_a_clear_error(scene):
