@@ -104,9 +104,9 @@ def test_placement_is_not_fooled_by_a_slide_along_a_prism():
     surface = _l_profile(0.0005)
     frame = _l_profile_view(0.003)
     points = backproject_depth(frame.depth, frame.c2w, frame.intrinsics)[0]
-    slid, true = np.eye(4), np.eye(4)
-    true[0, 3] = -0.003  # world -> recipe
-    assert placement_distance(surface, points, true) < 0.8 * placement_distance(surface, points, slid)
+    at_recipe, at_truth = np.eye(4), np.eye(4)  # world -> recipe: the recipe placement (3 mm off) and the truth
+    at_truth[0, 3] = -0.003
+    assert placement_distance(surface, points, at_truth) < 0.8 * placement_distance(surface, points, at_recipe)
     fit = fit_placement(surface, [frame])  # init: the recipe placement, 3 mm off; the search reaches it
     assert abs(fit.T_world_part[0, 3] - 0.003) < 0.0003 and abs(fit.T_world_part[1, 3]) < 0.0003
 
