@@ -67,6 +67,10 @@ MIN_REFERENCE_PARTS = 2
 # hypotheses by distance to the surface): 9.2x, which set a threshold ten times too high, so that every bracket part
 # of that seed would have passed.
 TEACH_IN_OUTLIER_FACTOR = 4.0
+# Views scored before the placement froze that one later view scores again at the frozen placement (PartSession): a
+# part's views that refine the placement take about 1 s on 2 cores at 256 px (the bracket), the later ones 150-180 ms,
+# and a view's map about 140 ms, so the views 1 and 2 rescored on view 3 are left to views 4 and 5.
+RESCORES_PER_VIEW = 1
 
 
 @dataclass
@@ -580,9 +584,12 @@ class PartSession:
     """One part, fed view by view (implements :class:`agent.inspection.PartInspection`).
 
     The placement is refined over the first ``placement_views`` views, then frozen. The views scored before it was
-    frozen are scored again at the frozen placement (when it moved since), and only those maps are fused (their :attr:`view_results` are
-    replaced and :meth:`finalise` reports them as ``revised_views``; the result :meth:`add_view` returned for them was
-    provisional): compared with a sharp reference, a placement a few tenths of a millimetre off reads as colour edges."""
+    frozen are scored again at the frozen placement (when it moved since), and only those maps are fused (their
+    :attr:`view_results` are replaced and :meth:`finalise` reports them as ``revised_views``; the result
+    :meth:`add_view` returned for them was provisional): compared with a sharp reference, a placement a few tenths of
+    a millimetre off reads as colour edges. That scoring again is spread over the views after the freeze, at most
+    :data:`RESCORES_PER_VIEW` each, and none on a view that refined the placement (those are a part's slowest);
+    :meth:`finalise` does what is left. Views are fused in their order either way, so the verdict is the same."""
 
     def __init__(self, inspector: RecipeInspector, part_id: str):
         self.inspector = inspector
@@ -623,24 +630,29 @@ class PartSession:
         self.view_results.append(ViewResult(frame.name, float(score_map.max()), 0.0, score_map.astype(np.float32), timings))
         if self.placement_frozen:
             t = time.perf_counter()
-            self._fuse_unfused()
+            self._fuse_unfused(rescores=0 if "placement" in timings else RESCORES_PER_VIEW)
             timings["fusion"] = (time.perf_counter() - t) * 1000
         result = self.view_results[-1]
         result.latency_ms = (time.perf_counter() - t0) * 1000
         return result
 
-    def _fuse_unfused(self) -> None:
-        """Fuse the views not yet fused; those scored at another placement than the current one are scored again first."""
-        for i, T_scored, score_map, fusion_depth in self._unfused:
+    def _fuse_unfused(self, rescores: int | None = None) -> None:
+        """Fuse the views not yet fused, in their order; those scored at another placement than the current one are
+        scored again first, at most ``rescores`` of them (None: all); the fusion stops at the first view left stale."""
+        while self._unfused:
+            i, T_scored, score_map, fusion_depth = self._unfused[0]
             frame, old = self.views[i], self.view_results[i]
             if not np.array_equal(T_scored, self.T_world_part):
+                if rescores is not None and rescores <= 0:
+                    return
+                rescores = None if rescores is None else rescores - 1
                 t = time.perf_counter()
                 score_map, fusion_depth = self._score(frame)
                 timings = {**old.timings_ms, "rescore": (time.perf_counter() - t) * 1000}
                 self.view_results[i] = ViewResult(old.frame_id, float(score_map.max()), old.latency_ms, score_map.astype(np.float32), timings)
                 self._revised.add(i)  # add_view returned it already (the view being added is scored at the current placement)
             self.accumulator.add_view(score_map, fusion_depth, frame.c2w, frame.intrinsics, frame.name)
-        self._unfused = []
+            self._unfused.pop(0)
 
     def _place(self, frame: Frame) -> None:
         """Refine the placement over the views so far: ICP against the nominal surface (views with depth: a multi-start
@@ -685,7 +697,7 @@ class PartSession:
         n = len(self.views)
         if n < s.min_views or n == 0:
             return InspectionResult("incomplete", None, 1.0, [], n, None, None, (time.perf_counter() - t0) * 1000)
-        self._fuse_unfused()  # fewer views than placement_views: fused at the placement so far
+        self._fuse_unfused()  # the views left stale, or fewer views than placement_views: fused at the placement so far
         if len(self.accumulator.view_ids) == 0:
             return InspectionResult("incomplete", None, 1.0, [], n, None, None, (time.perf_counter() - t0) * 1000)
         volume = self.accumulator.volume()

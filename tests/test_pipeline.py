@@ -92,6 +92,33 @@ def test_enroll_then_inspect_finds_the_defect_and_passes_the_good_part(cell_data
 
 
 @pytest.mark.slow
+def test_the_views_scored_before_the_placement_froze_are_scored_again_on_later_views_with_the_same_verdict(cell_data, recipe, monkeypatch):
+    from agent import pipeline
+    from agent.pipeline import PartSession, RecipeInspector
+
+    _, _, bad, _ = cell_data
+    inspector = RecipeInspector(recipe)
+    n_place = recipe.settings.placement_views
+    assert len(bad.frames) >= n_place + 2
+    session = inspector.start_part("spread")
+    for k, frame in enumerate(bad.frames, start=1):
+        session.add_view(frame)
+        rescored = [i for i, r in enumerate(session.view_results) if "rescore" in r.timings_ms]
+        if k <= n_place:  # the views that refine the placement score no earlier view again
+            assert rescored == [], (k, rescored)
+        elif k - n_place <= n_place - 1:  # then one earlier view each, in order
+            assert rescored == list(range(k - n_place)), (k, rescored)
+    spread = session.finalise()
+    # all at once on the view that froze the placement, as before the rescoring was spread: the same result
+    monkeypatch.setattr(PartSession, "_fuse_unfused", lambda self, rescores=None, _f=PartSession._fuse_unfused: _f(self))
+    at_once = pipeline.inspect_capture(inspector, bad, "at-once")[0]
+    assert spread.score == at_once.score and spread.verdict == at_once.verdict
+    np.testing.assert_array_equal(spread.volume.score, at_once.volume.score)
+    assert [d.frames for d in spread.defects] == [d.frames for d in at_once.defects]
+    assert [r.frame_id for r in spread.revised_views] == [r.frame_id for r in at_once.revised_views] == [f.name for f in bad.frames[: n_place - 1]]
+
+
+@pytest.mark.slow
 def test_inspection_output_files(cell_data, recipe, tmp_path):
     from agent.contract import Verdict
     from agent.fusion import SparseVolume
