@@ -619,7 +619,8 @@ class PartSession:
             raise ValueError(f"frame {frame.name!r} was already added to part {self.part_id!r}")
         timings: dict[str, float] = {}
         self.views.append(frame)
-        if self.inspector.refine and len(self.views) <= self.inspector.recipe.settings.placement_views:
+        refines = self.inspector.refine and len(self.views) <= self.inspector.recipe.settings.placement_views
+        if refines:
             t = time.perf_counter()
             self._place(frame)
             timings["placement"] = (time.perf_counter() - t) * 1000
@@ -630,22 +631,22 @@ class PartSession:
         self.view_results.append(ViewResult(frame.name, float(score_map.max()), 0.0, score_map.astype(np.float32), timings))
         if self.placement_frozen:
             t = time.perf_counter()
-            self._fuse_unfused(rescores=0 if "placement" in timings else RESCORES_PER_VIEW)
+            self._fuse_unfused(rescores=0 if refines else RESCORES_PER_VIEW)
             timings["fusion"] = (time.perf_counter() - t) * 1000
         result = self.view_results[-1]
         result.latency_ms = (time.perf_counter() - t0) * 1000
         return result
 
-    def _fuse_unfused(self, rescores: int | None = None) -> None:
+    def _fuse_unfused(self, rescores: float = math.inf) -> None:
         """Fuse the views not yet fused, in their order; those scored at another placement than the current one are
-        scored again first, at most ``rescores`` of them (None: all); the fusion stops at the first view left stale."""
+        scored again first, at most ``rescores`` of them (default: all); the fusion stops at the first view left stale."""
         while self._unfused:
             i, T_scored, score_map, fusion_depth = self._unfused[0]
             frame, old = self.views[i], self.view_results[i]
             if not np.array_equal(T_scored, self.T_world_part):
-                if rescores is not None and rescores <= 0:
+                if rescores <= 0:
                     return
-                rescores = None if rescores is None else rescores - 1
+                rescores -= 1
                 t = time.perf_counter()
                 score_map, fusion_depth = self._score(frame)
                 timings = {**old.timings_ms, "rescore": (time.perf_counter() - t) * 1000}

@@ -629,7 +629,7 @@ def fit_placement(
     the surface's end still lie on its planes), while their distance to the surface grows. Measured at 256 px, 4
     seeds x 3 recipes, 252 parts after 3 views: the two bracket parts placed 2.7 mm off along the bracket by the
     residual ranking are placed within 0.05 mm, a vase turned 0.76 deg off within 0.11 deg, and no other part moved
-    by more than 0.03 mm or 0.08 deg.
+    by more than 0.02 mm or 0.08 deg.
     Raises ValueError when the frames have too little depth on the part."""
     if dof not in ("planar", "full"):
         raise ValueError(f"dof must be 'planar' or 'full', got {dof!r}")
