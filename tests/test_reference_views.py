@@ -79,6 +79,19 @@ def stool_scene():
     return surface, a, b
 
 
+def _paint_the_seat(frame):
+    """A copy of a stool view with a blue blob of paint (2.5 cm) in the middle of the seat, and the blob's pixels."""
+    painted = copy.deepcopy(frame)
+    points, pixel = backproject_depth(painted.depth, painted.c2w, painted.intrinsics)
+    top = points[:, 2] > np.percentile(points[:, 2], 90)
+    centre = points[top][np.argmin(np.linalg.norm(points[top, :2] - np.median(points[top, :2], axis=0), axis=1))]
+    blob = pixel[np.linalg.norm(points - centre, axis=1) < 0.025]
+    painted.image.reshape(-1, 3)[blob] = (20, 60, 230)
+    mask = np.zeros(painted.depth.shape, bool)
+    mask.reshape(-1)[blob] = True
+    return painted, mask
+
+
 def test_paint_stands_out_more_against_a_reference_view_than_against_the_golden_colour(stool_scene):
     from agent.anomaly import surface_channel_maps
     from agent.surface import fit_placement
@@ -90,15 +103,7 @@ def test_paint_stands_out_more_against_a_reference_view_than_against_the_golden_
     f = b.frames[0]
     matched = refs.matching(f.c2w)
     assert len(matched) == 1 and matched[0].part == 0
-    # a blue blob of paint on the seat
-    painted = copy.deepcopy(f)
-    points, pixel = backproject_depth(painted.depth, painted.c2w, painted.intrinsics)
-    top = points[:, 2] > np.percentile(points[:, 2], 90)
-    centre = points[top][np.argmin(np.linalg.norm(points[top, :2] - np.median(points[top, :2], axis=0), axis=1))]
-    blob = pixel[np.linalg.norm(points - centre, axis=1) < 0.025]
-    painted.image.reshape(-1, 3)[blob] = (20, 60, 230)
-    mask = np.zeros(painted.depth.shape, bool)
-    mask.reshape(-1)[blob] = True
+    painted, mask = _paint_the_seat(f)
     # stands out more against another nominal part's view from the same pose than against the golden surface colour
     contrast = {}
     for name, refs_used in (("golden", []), ("reference", matched)):
@@ -144,14 +149,7 @@ def test_a_cast_shadow_that_moves_with_the_light_is_damped_where_the_references_
     good_peak = {d: max(colour(f, d).max() for f in test.frames) for d in (False, True)}
     assert good_peak[True] < 0.7 * good_peak[False], good_peak
 
-    painted = copy.deepcopy(test.frames[0])
-    points, pixel = backproject_depth(painted.depth, painted.c2w, painted.intrinsics)
-    top = points[:, 2] > np.percentile(points[:, 2], 90)
-    centre = points[top][np.argmin(np.linalg.norm(points[top, :2] - np.median(points[top, :2], axis=0), axis=1))]
-    blob = pixel[np.linalg.norm(points - centre, axis=1) < 0.025]
-    painted.image.reshape(-1, 3)[blob] = (20, 60, 230)
-    mask = np.zeros(painted.depth.shape, bool)
-    mask.reshape(-1)[blob] = True
+    painted, mask = _paint_the_seat(test.frames[0])
     paint = {d: colour(painted, d)[mask].max() for d in (False, True)}
     # the references' texture does not register exactly, so lit faces are damped a little too; what counts is the
     # paint's margin over the good part's highest colour evidence, which the damping widens
