@@ -66,16 +66,6 @@ SATURATED_LEVEL = 0.97
 LOG_EPS = 0.03
 # A reference view (agent.reference_views) saw a surface point when its depth there is within this of the point's.
 REFERENCE_DEPTH_AGREEMENT_M = 0.004
-# Seeing through the nominal surface (see_through): the camera sees nothing, or something more than
-# SEE_THROUGH_GAP_TOLS typical nominal tolerances (the median geometry_tol) behind, where the nominal surface should
-# be. The outline is trusted SEE_THROUGH_TOLERANCE_PX pixels in from its edge (a placement a few tenths of a
-# millimetre off moves it by less), and not at its own depth edges (steps larger than the gap).
-SEE_THROUGH_GAP_TOLS = 4.0
-SEE_THROUGH_TOLERANCE_PX = 1
-# Placement hypotheses are compared by the mean distance of the observed points to their nearest nominal points,
-# each capped at this (a burr, or a region the golden views did not see, counts the same at every hypothesis). See
-# fit_placement: a part slid along a prism-like shape leaves its point-to-plane residuals as small as in place.
-PLACEMENT_DISTANCE_CAP_M = 0.003
 # Colour against reference views is divided by 1 + d / REFERENCE_SPREAD_LOG, where d is how far the references'
 # (shading-corrected) log brightness disagrees at and around the pixel (reference_disagreement, the highest within
 # REFERENCE_SPREAD_RADIUS_PX): where nominal parts under their own lights differ (a cast shadow whose edge moves with
@@ -88,6 +78,16 @@ PLACEMENT_DISTANCE_CAP_M = 0.003
 # 0.879 (the stool's stains 0.44 -> 0.88), V-AUPRO@1% 0.606 -> 0.622.
 REFERENCE_SPREAD_LOG = 0.2
 REFERENCE_SPREAD_RADIUS_PX = 2
+# Seeing through the nominal surface (see_through): the camera sees nothing, or something more than
+# SEE_THROUGH_GAP_TOLS typical nominal tolerances (the median geometry_tol) behind, where the nominal surface should
+# be. The outline is trusted SEE_THROUGH_TOLERANCE_PX pixels in from its edge (a placement a few tenths of a
+# millimetre off moves it by less), and not at its own depth edges (steps larger than the gap).
+SEE_THROUGH_GAP_TOLS = 4.0
+SEE_THROUGH_TOLERANCE_PX = 1
+# Placement hypotheses are compared by the mean distance of the observed points to their nearest nominal points,
+# each capped at this (a burr, or a region the golden views did not see, counts the same at every hypothesis). See
+# fit_placement: a part slid along a prism-like shape leaves its point-to-plane residuals as small as in place.
+PLACEMENT_DISTANCE_CAP_M = 0.003
 
 
 @dataclass
@@ -306,7 +306,7 @@ class _Raw:
     # valid), and M bool valid = matched and not clipped
     log_ratio: np.ndarray | None = None
     colour_valid: np.ndarray | None = None
-    # with references: M, how far the references' brightness disagrees at the sample (reference_spread); 0 elsewhere
+    # with references: M, the range of the references' log brightness at the sample (0 where fewer than two saw it)
     reference_spread: np.ndarray | None = None
 
 
@@ -568,7 +568,6 @@ def surface_residuals(
     H, W = frame.intrinsics.height, frame.intrinsics.width
     extra, inside = np.zeros(H * W, np.float32), np.zeros(H * W, np.float32)
     log_ratio, valid = np.zeros((3, H * W), np.float32), np.zeros(H * W, bool)
-    spread = np.zeros(H * W, np.float32)
     raw = _raw_residuals(surface, frame, T_world_part, references=references)
     observed = np.zeros(H * W, bool)
     if raw is not None:
@@ -578,10 +577,10 @@ def surface_residuals(
         log_ratio[:, raw.flat] = raw.log_ratio.T
         valid[raw.flat] = raw.colour_valid
         observed[raw.flat] = True
-        if raw.reference_spread is not None:
-            spread[raw.flat] = raw.reference_spread
     colour = colour_contrast(log_ratio.reshape(3, H, W), valid.reshape(H, W), colour_sigma_px, colour_baseline_px)
-    if references and REFERENCE_SPREAD_LOG > 0:
+    if raw is not None and raw.reference_spread is not None and REFERENCE_SPREAD_LOG > 0:
+        spread = np.zeros(H * W, np.float32)
+        spread[raw.flat] = raw.reference_spread
         colour = colour / (1.0 + reference_disagreement(spread.reshape(H, W), colour_sigma_px) / REFERENCE_SPREAD_LOG)
     if frame.depth is None or frame.c2w is None:
         expected, missing = np.zeros((H, W), np.float32), np.zeros((H, W), bool)
