@@ -34,11 +34,11 @@ from typing import Sequence
 
 import cv2
 import numpy as np
-import scipy.ndimage
 import torch
 
 from agent.capture import Frame
 from agent.features import PatchFeatureExtractor
+from agent.filters import gaussian_blur, maximum_filter
 from agent.geometry import Intrinsics
 from agent.memory_bank import MemoryBank, anomaly_maps
 from agent.reference_views import ReferenceView
@@ -216,7 +216,7 @@ def channel_maps(
     obs_feats, ref_feats = feats.features[:1], feats.features[1:]
     memory = anomaly_maps(bank.score_patches(obs_feats), (H, W), feats.stride, sigma_px)[0]
     reference = anomaly_maps(reference_patch_distance(obs_feats, ref_feats, window), (H, W), feats.stride, sigma_px)
-    geometry = scipy.ndimage.gaussian_filter(np.asarray(geometry, dtype=np.float32), sigma_px)
+    geometry = gaussian_blur(geometry, sigma_px)
     return np.stack([memory, reference, geometry]).astype(np.float32)
 
 
@@ -339,7 +339,7 @@ def surface_channel_maps(
     colour_sigma = (REFERENCE_COLOUR_SIGMA if references else 0.625) * sigma
     r = surface_residuals(surface, frame, T_world_part, colour_sigma_px=colour_sigma, colour_baseline_px=4.0 * sigma, references=references)
     extra, inside = geometry_contrast(r.extra - r.inside, r.observed, GEOMETRY_SIGMA * sigma, GEOMETRY_BASELINE * sigma)
-    missing = scipy.ndimage.gaussian_filter(r.see_through.astype(np.float32), MISSING_SIGMA * sigma)
+    missing = gaussian_blur(r.see_through.astype(np.float32), MISSING_SIGMA * sigma)
     depth = np.zeros(r.observed.shape, np.float32) if frame.depth is None else np.asarray(frame.depth, dtype=np.float32)
     unseen = (r.expected_depth > 0) & (depth <= 0) & (missing > MISSING_FUSION_LEVEL)
     return SurfaceMaps(np.stack([extra, inside, r.colour, missing]).astype(np.float32), np.where(unseen, r.expected_depth, depth))
@@ -373,5 +373,4 @@ def localisation_tolerance(score_map: np.ndarray) -> np.ndarray:
     score_map = np.asarray(score_map, dtype=np.float32)
     sigma = map_sigma_px(score_map.shape[1])
     radius = max(1, int(round(LOCALISATION_RADIUS * sigma)))
-    widened = scipy.ndimage.maximum_filter(score_map, size=2 * radius + 1)
-    return scipy.ndimage.gaussian_filter(widened, LOCALISATION_SIGMA * sigma).astype(np.float32)
+    return gaussian_blur(maximum_filter(score_map, 2 * radius + 1), LOCALISATION_SIGMA * sigma)

@@ -38,11 +38,19 @@ from typing import Sequence
 
 import cv2
 import numpy as np
-import scipy.ndimage
 from scipy.spatial import cKDTree
 
 from agent.capture import Frame
-from agent.geometry import Intrinsics, backproject_depth, project_points, rotation_about_axis, transform_points
+from agent.filters import gaussian_blur, maximum_filter
+from agent.geometry import (
+    Intrinsics,
+    backproject_depth,
+    c2w_gl_to_w2c_cv,
+    invert_rigid,
+    project_points,
+    rotation_about_axis,
+    transform_points,
+)
 from agent.reference_views import ReferenceView
 
 SURFACE_FORMAT = "edge-inspection-agent/nominal-surface"
@@ -88,6 +96,13 @@ SEE_THROUGH_TOLERANCE_PX = 1
 # each capped at this (a burr, or a region the golden views did not see, counts the same at every hypothesis). See
 # fit_placement: a part slid along a prism-like shape leaves its point-to-plane residuals as small as in place.
 PLACEMENT_DISTANCE_CAP_M = 0.003
+# The coarse stage of fit_placement (15 starts x 10 ICP iterations on a part's first view) matches against the surface
+# thinned to one point per cell of PLACEMENT_COARSE_SPACINGS spacings (about a ninth of the points): it only ranks
+# basins, and its nearest-neighbour queries, 10 mm wide, were half of the first view's placement time. The ranking and
+# the fine stages use every point. An ICP stops once an iteration moves the placement by less than
+# ICP_CONVERGED_M (metres, and radians for the turn): a micrometre, a tenth of the depth noise's effect on the placement.
+PLACEMENT_COARSE_SPACINGS = 3.0
+ICP_CONVERGED_M = 1e-6
 
 
 @dataclass
@@ -104,6 +119,8 @@ class NominalSurface:
     _tree: cKDTree | None = field(default=None, repr=False, compare=False)
     _enclosure: np.ndarray | None = field(default=None, repr=False, compare=False)
     _typical_geometry_tol: float | None = field(default=None, repr=False, compare=False)
+    _trusted: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
+    _coarse: "_MatchTarget | None" = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.points)
@@ -140,6 +157,31 @@ class NominalSurface:
         if self._typical_geometry_tol is None:
             self._typical_geometry_tol = float(np.median(self.geometry_tol))
         return self._typical_geometry_tol
+
+    @property
+    def coarse(self) -> "_MatchTarget":
+        """The surface thinned to one point per cell of PLACEMENT_COARSE_SPACINGS spacings (computed once), with its
+        own KD-tree: what the coarse placement stage matches against."""
+        if self._coarse is None:
+            cell = np.floor(self.points / (PLACEMENT_COARSE_SPACINGS * self.spacing_m)).astype(np.int64)
+            _, first = np.unique(cell, axis=0, return_index=True)
+            keep = np.sort(first)
+            self._coarse = _MatchTarget(self.points[keep], self.normals[keep], cKDTree(self.points[keep]))
+        return self._coarse
+
+    @property
+    def full(self) -> "_MatchTarget":
+        """Every surface point as a matching target (the fine placement stages)."""
+        return _MatchTarget(self.points, self.normals, self.tree)
+
+    @property
+    def trusted(self) -> tuple[np.ndarray, np.ndarray]:
+        """The points the golden views saw well (support >= MIN_SUPPORT) and their normals, float64 (computed once):
+        what :func:`expected_depth` z-buffers on every view."""
+        if self._trusted is None:
+            ok = self.support >= MIN_SUPPORT
+            self._trusted = (self.points[ok].astype(np.float64), self.normals[ok].astype(np.float64))
+        return self._trusted
 
     @property
     def enclosure(self) -> np.ndarray:
@@ -318,12 +360,14 @@ def _shading_correction(normals: np.ndarray, observed: np.ndarray, reference: np
     global_gain = np.median(ratio[good], axis=0) if good.sum() >= 16 else np.ones(3)
     b = np.clip(((normals + 1.0) * 0.5 * SHADING_BINS).astype(np.int64), 0, SHADING_BINS - 1)
     key = (b[:, 0] * SHADING_BINS + b[:, 1]) * SHADING_BINS + b[:, 2]
-    gain = np.tile(global_gain, (len(key), 1))
-    for k in np.unique(key[good]):
-        sel = good & (key == k)
-        if sel.sum() >= 32:
-            gain[key == k] = np.median(ratio[sel], axis=0)
-    return np.clip(gain, 0.5, 2.0)
+    bin_gain = np.tile(global_gain, (SHADING_BINS**3, 1))
+    order = np.argsort(key[good], kind="stable")  # the good samples grouped by bin
+    keys, first, counts = np.unique(key[good][order], return_index=True, return_counts=True)
+    grouped = ratio[good][order]
+    for k, i, c in zip(keys, first, counts):
+        if c >= 32:
+            bin_gain[k] = np.median(grouped[i : i + c], axis=0)
+    return np.clip(bin_gain[key], 0.5, 2.0)
 
 
 def chromaticity(rgb: np.ndarray) -> np.ndarray:
@@ -442,9 +486,10 @@ def highlight_free_log_ratio(observed: np.ndarray, reference: np.ndarray) -> np.
 
 def _masked_blur(values: np.ndarray, weight: np.ndarray, sigma_px: float) -> np.ndarray:
     """C x H x W Gaussian mean of ``values`` over the pixels where ``weight`` (H x W, 0/1) is set."""
-    den = scipy.ndimage.gaussian_filter(weight, sigma_px)
-    num = np.stack([scipy.ndimage.gaussian_filter(v * weight, sigma_px) for v in values])
-    return num / np.maximum(den, 1e-3)
+    weight = np.asarray(weight, dtype=np.float32)
+    stacked = np.concatenate([np.asarray(values, dtype=np.float32) * weight, weight[None]]).transpose(1, 2, 0)
+    blurred = gaussian_blur(stacked, sigma_px).transpose(2, 0, 1)  # the weighted values and the weight in one pass
+    return blurred[:-1] / np.maximum(blurred[-1], 1e-3)
 
 
 def _local_contrast(values: np.ndarray, weight: np.ndarray, sigma_px: float, baseline_px: float) -> np.ndarray:
@@ -488,8 +533,7 @@ def reference_disagreement(spread: np.ndarray, sigma_px: float) -> np.ndarray:
     of the references' log brightness at that surface point), the highest within REFERENCE_SPREAD_RADIUS_PX,
     smoothed over ``sigma_px``: a cast shadow whose edge moves with each part's light."""
     k = 2 * REFERENCE_SPREAD_RADIUS_PX + 1
-    widened = scipy.ndimage.maximum_filter(np.asarray(spread, dtype=np.float32), size=k)
-    return scipy.ndimage.gaussian_filter(widened, sigma_px).astype(np.float32)
+    return gaussian_blur(maximum_filter(spread, k), sigma_px)
 
 
 def depth_range(depth: np.ndarray, radius_px: int) -> tuple[np.ndarray, np.ndarray]:
@@ -508,15 +552,14 @@ def expected_depth(surface: NominalSurface, c2w: np.ndarray, K: Intrinsics, T_wo
     0 where it should see none. A z-buffer of the surface points the golden views saw well (support >= MIN_SUPPORT)
     that face the camera, one pixel each; a pixel no point fell in takes the nearest depth of its 3 x 3 neighbours (the
     grid spacing is about a pixel's footprint), and the outline is eroded back by a pixel (a morphological closing)."""
-    ok = surface.support >= MIN_SUPPORT
+    points, normals = surface.trusted
     T = np.asarray(T_world_part, dtype=np.float64)
-    points = transform_points(T, surface.points[ok].astype(np.float64))
-    normals = surface.normals[ok].astype(np.float64) @ T[:3, :3].T
-    camera = np.asarray(c2w, dtype=np.float64)[:3, 3]
-    facing = np.einsum("ij,ij->i", normals, camera[None, :] - points) > 0
-    uv, z = project_points(points[facing], c2w, K)
-    with np.errstate(invalid="ignore"):
-        u, v = np.floor(uv[:, 0]), np.floor(uv[:, 1])
+    camera = transform_points(invert_rigid(T), np.asarray(c2w, dtype=np.float64)[None, :3, 3])[0]  # in the recipe frame
+    facing = points[np.einsum("ij,ij->i", normals, camera[None, :] - points) > 0]
+    p_cam = transform_points(c2w_gl_to_w2c_cv(c2w) @ T, facing)  # recipe frame -> camera, one product
+    z = p_cam[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u, v = np.floor(K.fx * p_cam[:, 0] / z + K.cx), np.floor(K.fy * p_cam[:, 1] / z + K.cy)
         inside = (z > 0) & (u >= 0) & (v >= 0) & (u < K.width) & (v < K.height)
     zbuf = np.full(K.height * K.width, np.inf, np.float32)
     np.minimum.at(zbuf, v[inside].astype(np.int64) * K.width + u[inside].astype(np.int64), z[inside].astype(np.float32))
@@ -598,18 +641,28 @@ class PlacementFit:
     iterations: int
 
 
+@dataclass(frozen=True)
+class _MatchTarget:
+    """Surface points with their normals and KD-tree: what ICP matches observed samples against."""
+
+    points: np.ndarray
+    normals: np.ndarray
+    tree: cKDTree
+
+
 def _icp(
-    surface: NominalSurface, obs: np.ndarray, T: np.ndarray, dof: str, iterations: int, max_distance_m: float
+    target: _MatchTarget, obs: np.ndarray, T: np.ndarray, dof: str, iterations: int, max_distance_m: float
 ) -> tuple[np.ndarray, float, int, int]:
-    """Robust point-to-plane ICP from ``T`` (world -> recipe). Returns (T, robust residual scale, inliers, iterations)."""
+    """Robust point-to-plane ICP from ``T`` (world -> recipe), until an iteration moves it by less than
+    ICP_CONVERGED_M. Returns (T, robust residual scale, inliers, iterations)."""
     scale, inl, it = float("inf"), 0, 0
     for it in range(1, iterations + 1):
         q = transform_points(T, obs)
-        dist, j = surface.tree.query(q, distance_upper_bound=max_distance_m)
+        dist, j = target.tree.query(q, distance_upper_bound=max_distance_m)
         ok = np.isfinite(dist)
         if ok.sum() < 50:
             return T, float("inf"), int(ok.sum()), it
-        q, g, n = q[ok], surface.points[j[ok]].astype(np.float64), surface.normals[j[ok]].astype(np.float64)
+        q, g, n = q[ok], target.points[j[ok]].astype(np.float64), target.normals[j[ok]].astype(np.float64)
         r = np.einsum("ij,ij->i", n, q - g)
         s = 1.4826 * np.median(np.abs(r)) + 1e-6
         w = 1.0 / (1.0 + (r / (2.0 * s)) ** 2)
@@ -634,7 +687,7 @@ def _icp(
         T = dT @ T
         # the score of a hypothesis: robust scale of the residuals, penalised by the share of samples off the surface
         scale, inl = s / max(ok.mean(), 1e-3), int(ok.sum())
-        if np.abs(x).max() < 1e-7:
+        if np.abs(x).max() < ICP_CONVERGED_M:
             break
     return T, scale, inl, it
 
@@ -648,6 +701,7 @@ def fit_placement(
     search_deg: float = 3.0,
     max_points: int = 5000,
     seed: int = 0,
+    fine_iterations: int = 20,
 ) -> PlacementFit:
     """The part's placement ``T_world_part`` (recipe frame -> world) by robust point-to-plane ICP of the frames'
     observed depth against the nominal surface. ``dof="planar"``: x, y and the turn about the world z axis (a part
@@ -656,7 +710,12 @@ def fit_placement(
     ICP finds the nearest minimum; small parts with repeated features have several within the fixture's play. So a
     coarse stage starts from ``init`` and from offsets of +-``search_mm`` in x and y and +-``search_deg`` about z
     (15 starts, 1000 samples each; both 0: ``init`` only, to refine a previous estimate), keeps the start whose
-    samples lie closest to the surface (:func:`placement_distance`), and refines it with up to ``max_points`` samples.
+    samples lie closest to the surface (:func:`placement_distance`), and refines it with up to ``max_points`` samples
+    (``fine_iterations`` ICP iterations, then the turn by colour and the translation). The coarse stage matches against
+    the surface thinned to one point per PLACEMENT_COARSE_SPACINGS spacings (:attr:`NominalSurface.coarse`): placed as
+    a part session does (3 fresh seeds x 3 recipes, 108 parts, 256 px), the errors after three views are those of
+    matching every point (median 0.055 vs 0.051 mm and 0.037 vs 0.028 deg, at most 0.196 vs 0.178 mm and 0.355 vs
+    0.356 deg, within the parts' spread both ways), and the first view's search about 60 ms shorter.
     Not the start with the smallest point-to-plane residuals: along a prism-like part (a bracket) ICP barely moves,
     and a placement slid a few millimetres along it leaves those residuals as small as in place (the samples beyond
     the surface's end still lie on its planes), while their distance to the surface grows. Measured at 256 px, 4
@@ -666,6 +725,8 @@ def fit_placement(
     Raises ValueError when the frames have too little depth on the part."""
     if dof not in ("planar", "full"):
         raise ValueError(f"dof must be 'planar' or 'full', got {dof!r}")
+    if fine_iterations < 1:
+        raise ValueError(f"fine_iterations must be >= 1, got {fine_iterations}")
     pts, cols = [], []
     for f in frames:
         if f.depth is not None and f.c2w is not None:
@@ -692,17 +753,17 @@ def fit_placement(
         d[:3, 3] = centre - d[:3, :3] @ centre + np.array([dx, dy, 0.0]) / 1000.0
         starts.append(T0 @ d)
     far = max(0.01, 3.0 * search_mm / 1000.0)
-    fits = [_icp(surface, coarse, T, dof, 10, far) for T in starts]
+    fits = [_icp(surface.coarse, coarse, T, dof, 10, far) for T in starts]
     best = min(fits, key=lambda r: placement_distance(surface, coarse, r[0]) if math.isfinite(r[1]) else math.inf)
     if not math.isfinite(best[1]):
         raise ValueError(f"placement failed: too few depth samples within {far * 1000:.0f} mm of the nominal surface")
     near = 4.0 * surface.spacing_m + 0.002
-    T, scale, inl, it = _icp(surface, fine, best[0], dof, 20, near)
+    T, scale, inl, it = _icp(surface.full, fine, best[0], dof, fine_iterations, near)
     if not math.isfinite(scale):
         raise ValueError("placement failed: the refined placement lost the nominal surface")
     if dof == "planar":
         T = _colour_turn(surface, fine, fine_colour, T, search_deg + 0.5, near)
-        T, scale, inl, it2 = _icp(surface, fine, T, "translation", 10, near)
+        T, scale, inl, it2 = _icp(surface.full, fine, T, "translation", 10, near)
         it += it2
     return PlacementFit(np.linalg.inv(T), float(scale), inl, it)
 

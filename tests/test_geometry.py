@@ -80,3 +80,15 @@ def test_rotation_helpers():
     R = g.rotation_about_axis([0, 0, 1], math.radians(30))
     assert g.rotation_angle_deg(R) == pytest.approx(30.0)
     np.testing.assert_allclose(R @ [1, 0, 0], [math.cos(math.radians(30)), math.sin(math.radians(30)), 0], atol=1e-12)
+
+
+def test_transform_points_is_the_matrix_product():
+    rng = np.random.default_rng(0)
+    T = np.eye(4)
+    T[:3, :3] = g.rotation_about_axis(rng.normal(size=3), 0.7)
+    T[:3, 3] = rng.normal(size=3)
+    points = rng.normal(size=(1000, 3)).astype(np.float32)  # float32 in, float64 out
+    got = g.transform_points(T, points)
+    assert got.dtype == np.float64 and got.shape == (1000, 3)
+    np.testing.assert_allclose(got, points.astype(np.float64) @ T[:3, :3].T + T[:3, 3], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(g.transform_points(T, points[:0]), np.zeros((0, 3)))

@@ -10,7 +10,8 @@ from agent.geometry import Intrinsics, backproject_depth, look_at, pixel_rays, r
 from agent.sim import SimConfig, enrollment_poses, inspection_poses, simulate_part
 from agent.surface import (
     MIN_COLOUR_TOL, MIN_GEOMETRY_TOL_M, SEE_THROUGH_GAP_TOLS, NominalSurface, build_nominal_surface, colour_contrast, expected_depth, fit_placement,
-    geometry_contrast, highlight_free_log_ratio, placement_distance, see_through, surface_residuals,
+    PLACEMENT_COARSE_SPACINGS, SHADING_BINS, _shading_correction, geometry_contrast, highlight_free_log_ratio, placement_distance, see_through,
+    surface_residuals,
 )  # fmt: skip
 
 PRODUCT = "bracket"
@@ -67,6 +68,42 @@ def test_placement_recovers_the_fixture_offset(scene):
     guess[:3, :3] = rotation_about_axis(np.array([0.0, 0.0, 1.0]), np.radians(1.0))
     refined = fit_placement(surface, good.frames[:2], init=guess @ truth, search_mm=0.0, search_deg=0.0)
     assert np.linalg.norm(refined.T_world_part[:3, 3] - truth[:3, 3]) < 0.0005
+
+
+def test_the_coarse_placement_target_keeps_one_point_per_coarse_cell(scene):
+    surface, _, _ = scene
+    coarse = surface.coarse
+    assert coarse is surface.coarse  # computed once
+    cells = np.floor(surface.points / (PLACEMENT_COARSE_SPACINGS * surface.spacing_m)).astype(np.int64)
+    assert len(coarse.points) == len(np.unique(cells, axis=0)) < len(surface.points) / 3
+    # the kept points are surface points with their own normals, and every surface point has one within its cell
+    d, j = surface.tree.query(coarse.points)
+    assert d.max() == 0.0
+    np.testing.assert_array_equal(coarse.normals, surface.normals[j])
+    reach, _ = coarse.tree.query(surface.points)
+    assert reach.max() <= np.sqrt(3) * PLACEMENT_COARSE_SPACINGS * surface.spacing_m
+
+
+def test_shading_correction_is_the_median_ratio_per_normal_bin():
+    rng = np.random.default_rng(5)
+    n = 4000
+    normals = rng.normal(size=(n, 3))
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    reference = rng.uniform(0.02, 0.9, (n, 3))
+    observed = reference * rng.uniform(0.6, 1.6, (n, 3))
+    gain = _shading_correction(normals, observed, reference)
+    # the rule written out: bins of at least 32 samples with a measurable reference take their median ratio, the
+    # rest the global median; clipped to 0.5-2
+    ratio = observed / np.maximum(reference, 0.02)
+    good = (reference > 0.04).all(axis=1)
+    b = np.clip(((normals + 1.0) * 0.5 * SHADING_BINS).astype(np.int64), 0, SHADING_BINS - 1)
+    key = (b[:, 0] * SHADING_BINS + b[:, 1]) * SHADING_BINS + b[:, 2]
+    expected = np.tile(np.median(ratio[good], axis=0), (n, 1))
+    for k in np.unique(key):
+        if (good & (key == k)).sum() >= 32:
+            expected[key == k] = np.median(ratio[good & (key == k)], axis=0)
+    assert 0 < (np.bincount(key[good]) >= 32).sum() < len(np.unique(key))  # both cases occur
+    np.testing.assert_array_equal(gain, np.clip(expected, 0.5, 2.0))
 
 
 def _l_profile(spacing: float) -> NominalSurface:
