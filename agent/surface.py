@@ -97,7 +97,7 @@ SEE_THROUGH_TOLERANCE_PX = 1
 # fit_placement: a part slid along a prism-like shape leaves its point-to-plane residuals as small as in place.
 PLACEMENT_DISTANCE_CAP_M = 0.003
 # The coarse stage of fit_placement (15 starts x 10 ICP iterations on a part's first view) matches against the surface
-# thinned to one point per cell of PLACEMENT_COARSE_SPACINGS spacings (about a ninth of the points): it only ranks
+# thinned to one point per cell of PLACEMENT_COARSE_SPACINGS spacings (the bracket: 9.9k of 185k points): it only ranks
 # basins, and its nearest-neighbour queries, 10 mm wide, were half of the first view's placement time. The ranking and
 # the fine stages use every point. An ICP stops once an iteration moves the placement by less than
 # ICP_CONVERGED_M (metres, and radians for the turn): a micrometre, a tenth of the depth noise's effect on the placement.
