@@ -45,7 +45,6 @@ from agent.filters import gaussian_blur, maximum_filter
 from agent.geometry import (
     Intrinsics,
     backproject_depth,
-    c2w_gl_to_w2c_cv,
     invert_rigid,
     project_points,
     rotation_about_axis,
@@ -554,12 +553,11 @@ def expected_depth(surface: NominalSurface, c2w: np.ndarray, K: Intrinsics, T_wo
     grid spacing is about a pixel's footprint), and the outline is eroded back by a pixel (a morphological closing)."""
     points, normals = surface.trusted
     T = np.asarray(T_world_part, dtype=np.float64)
-    camera = transform_points(invert_rigid(T), np.asarray(c2w, dtype=np.float64)[None, :3, 3])[0]  # in the recipe frame
-    facing = points[np.einsum("ij,ij->i", normals, camera[None, :] - points) > 0]
-    p_cam = transform_points(c2w_gl_to_w2c_cv(c2w) @ T, facing)  # recipe frame -> camera, one product
-    z = p_cam[:, 2]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        u, v = np.floor(K.fx * p_cam[:, 0] / z + K.cx), np.floor(K.fy * p_cam[:, 1] / z + K.cy)
+    c2w_part = invert_rigid(T) @ np.asarray(c2w, dtype=np.float64)  # the camera in the recipe frame: one transform per point
+    facing = points[np.einsum("ij,ij->i", normals, c2w_part[None, :3, 3] - points) > 0]
+    uv, z = project_points(facing, c2w_part, K)
+    with np.errstate(invalid="ignore"):
+        u, v = np.floor(uv[:, 0]), np.floor(uv[:, 1])
         inside = (z > 0) & (u >= 0) & (v >= 0) & (u < K.width) & (v < K.height)
     zbuf = np.full(K.height * K.width, np.inf, np.float32)
     np.minimum.at(zbuf, v[inside].astype(np.int64) * K.width + u[inside].astype(np.int64), z[inside].astype(np.float32))
