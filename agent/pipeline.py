@@ -55,7 +55,7 @@ from agent.reference_views import ReferenceViews
 from agent.splat.init import init_from_depth
 from agent.splat.model import GaussianModel
 from agent.splat.placement import PlacementConfig, refine_placement
-from agent.surface import NominalSurface, build_nominal_surface, fit_placement
+from agent.surface import FINE_ICP_ITERATIONS, NominalSurface, build_nominal_surface, fit_placement
 
 Progress = Callable[[str, int, int], None]  # (stage description, done, total)
 # Teach-in parts needed for reference views (agent.reference_views): their calibration leaves one part out.
@@ -72,7 +72,7 @@ TEACH_IN_OUTLIER_FACTOR = 4.0
 # and a view's map about 140 ms, so the views 1 and 2 rescored on view 3 are left to views 4 and 5.
 RESCORES_PER_VIEW = 1
 # ICP iterations of the fine stage on a part's first view when later views refine the placement (placement_views > 1;
-# otherwise, and on those later views, fit_placement's 20). The first view's placement only has to find the basin and
+# otherwise, and on those later views, FINE_ICP_ITERATIONS). The first view's placement only has to find the basin and
 # score that view provisionally; views 2 and 3 refine it from there and view 1 is scored again at the frozen placement.
 # Measured with the placement harness (each part placed as PartSession does, against gt/pose.json; 3 fresh seeds x 3
 # recipes, 108 parts, 256 px): errors after view 3 median 0.055 mm / 0.037 deg, at most 0.196 mm / 0.285 deg, as with
@@ -578,8 +578,8 @@ class RecipeInspector:
         if extractor.name != s.backbone:
             raise ValueError(f"recipe {s.name} uses backbone {s.backbone!r}, the extractor is {extractor.name!r}")
         self.scorer = _Scorer(extractor, recipe.bank, recipe.model, c.geometry_depth_scale_m, backend)
-        if recipe.surface is not None:  # the surface's search structures, built here rather than on a part's first view
-            recipe.surface.tree, recipe.surface.coarse, recipe.surface.trusted  # noqa: B018
+        if recipe.surface is not None:
+            recipe.surface.build_search_structures()
 
     def scores_on_surface(self, frame: Frame) -> bool:
         """Whether ``frame`` is scored against the nominal surface (it has depth and the recipe a calibrated surface);
@@ -676,7 +676,7 @@ class PartSession:
                 later_views_refine = first and insp.recipe.settings.placement_views > 1
                 fit = fit_placement(insp.recipe.surface, [v for v in self.views if v.depth is not None], init=self.T_world_part,
                                     search_mm=3.0 if first else 0.0, search_deg=3.0 if first else 0.0,
-                                    fine_iterations=FIRST_VIEW_FINE_ITERATIONS if later_views_refine else 20)  # fmt: skip
+                                    fine_iterations=FIRST_VIEW_FINE_ITERATIONS if later_views_refine else FINE_ICP_ITERATIONS)  # fmt: skip
                 self.T_world_part = planar_placement(fit.T_world_part)
                 self.placement_ok = True
             except ValueError:  # too little depth on the part

@@ -102,6 +102,7 @@ PLACEMENT_DISTANCE_CAP_M = 0.003
 # ICP_CONVERGED_M (metres, and radians for the turn): a micrometre, a tenth of the depth noise's effect on the placement.
 PLACEMENT_COARSE_SPACINGS = 3.0
 ICP_CONVERGED_M = 1e-6
+FINE_ICP_ITERATIONS = 20  # fit_placement's fine stage, by default
 
 
 @dataclass
@@ -167,6 +168,11 @@ class NominalSurface:
             keep = np.sort(first)
             self._coarse = _MatchTarget(self.points[keep], self.normals[keep], cKDTree(self.points[keep]))
         return self._coarse
+
+    def build_search_structures(self) -> None:
+        """Build what placement and every view's scoring search (the KD-trees, the trusted points) now, not on first
+        use: on a recipe's load rather than on the first part's first view."""
+        self.tree, self.coarse, self.trusted  # noqa: B018
 
     @property
     def full(self) -> "_MatchTarget":
@@ -699,7 +705,7 @@ def fit_placement(
     search_deg: float = 3.0,
     max_points: int = 5000,
     seed: int = 0,
-    fine_iterations: int = 20,
+    fine_iterations: int = FINE_ICP_ITERATIONS,
 ) -> PlacementFit:
     """The part's placement ``T_world_part`` (recipe frame -> world) by robust point-to-plane ICP of the frames'
     observed depth against the nominal surface. ``dof="planar"``: x, y and the turn about the world z axis (a part

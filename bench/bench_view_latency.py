@@ -99,6 +99,9 @@ def main() -> None:
         return
 
     from agent.machine import machine_details
+    from agent.recipe import load_recipe
+
+    camera = load_recipe(args.recipes_dir / recipes[0]).settings.camera
 
     this_tree = HERE.parent
     trees = {"current": this_tree} if args.baseline_tree is None else {"baseline": args.baseline_tree.resolve(), "current": this_tree}
@@ -116,16 +119,12 @@ def main() -> None:
 
     report = {
         "benchmark": "view_latency",
-        "machine": machine_details(image_size=None),
+        "machine": machine_details(image_size=f"{camera.width}x{camera.height}"),
         "data": str(args.data), "recipes": recipes, "parts_per_recipe": args.parts, "rounds": args.rounds,
         "code": {label: revision(tree) for label, tree in trees.items()},
         "summary": {label: summarise(r) for label, r in runs.items()},
         "runs": runs,
     }  # fmt: skip
-    from agent.recipe import load_recipe
-
-    camera = load_recipe(args.recipes_dir / recipes[0]).settings.camera
-    report["machine"]["image_size"] = f"{camera.width}x{camera.height}"
     if "baseline" in runs:
         b, c = report["summary"]["baseline"], report["summary"]["current"]
         report["ratio_current_to_baseline"] = {
