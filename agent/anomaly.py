@@ -356,6 +356,19 @@ def combine_surface_channels(maps: np.ndarray, scale=(1.0, 1.0, 1.0, 1.0)) -> np
     return localisation_tolerance((w * np.asarray(maps, dtype=np.float32) / sc).max(axis=0))
 
 
+def split_surface_evidence(maps: np.ndarray, scale=(1.0, 1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """What a view adds to a :class:`agent.fusion.SurfaceEvidenceAccumulator`: H x W float32 appearance evidence
+    (:func:`combine_surface_channels` of the colour and missing channels) and H x W float32 signed geometry evidence
+    (extra material / its scale less material inside / its scale: the two are the positive and negative parts of one
+    contrast, so at most one is non-zero at a pixel)."""
+    maps = np.asarray(maps, dtype=np.float32)
+    appearance = maps.copy()
+    appearance[:2] = 0.0
+    sc = np.asarray(scale, dtype=np.float32)
+    geometry = maps[0] * (SURFACE_CHANNEL_WEIGHTS[0] / sc[0]) - maps[1] * (SURFACE_CHANNEL_WEIGHTS[1] / sc[1])
+    return combine_surface_channels(appearance, scale), geometry.astype(np.float32)
+
+
 def localisation_tolerance(score_map: np.ndarray) -> np.ndarray:
     """H x W float32: each pixel takes the highest score within :data:`LOCALISATION_RADIUS` map sigmas (a 3 x 3
     maximum at 256 px), smoothed over :data:`LOCALISATION_SIGMA` map sigmas (1 px at 256 px).

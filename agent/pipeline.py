@@ -46,7 +46,7 @@ from agent import __version__, anomaly
 from agent.capture import Capture, Frame
 from agent.contract import ContractError
 from agent.features import DEFAULT_EXTRACTOR, PatchFeatureExtractor, get_extractor
-from agent.fusion import VoxelAccumulator, find_defects, part_score
+from agent.fusion import SurfaceEvidenceAccumulator, VoxelAccumulator, find_defects, part_score
 from agent.geometry import Intrinsics, check_rigid, rotation_about_axis, rotation_angle_deg
 from agent.inspection import InspectionResult, ViewResult
 from agent.memory_bank import MemoryBank, patch_rows
@@ -67,6 +67,9 @@ MIN_REFERENCE_PARTS = 2
 # hypotheses by distance to the surface): 9.2x, which set a threshold ten times too high, so that every bracket part
 # of that seed would have passed.
 TEACH_IN_OUTLIER_FACTOR = 4.0
+# Floor of the fused geometry scale (calibration.surface_fused_geometry_scale): teach-in parts whose fused geometry is 0
+# everywhere must not divide by 0.
+MIN_FUSED_SCALE = 1e-3
 # Views scored before the placement froze that one later view scores again at the frozen placement (PartSession): a
 # part's views that refine the placement take about 1 s on 2 cores at 256 px (the bracket), the later ones 150-180 ms,
 # and a view's map about 140 ms, so the views 1 and 2 rescored on view 3 are left to views 4 and 5.
@@ -463,7 +466,11 @@ def _reference_view_calibration(recipe: Recipe, parts: list[tuple[Capture, np.nd
     return the teach-in parts' raw part scores on that path, leave-one-part-out: each teach-in part's views are
     compared with the other parts' views (at the placement its inspection found). A channel's scale is the median of
     its peaks over those views (the colour's over the views some other part's view matched), at least the floors of
-    the golden views' scales (:func:`build_surface`): the same rule as there, on parts run like any part."""
+    the golden views' scales (:func:`build_surface`): the same rule as there, on parts run like any part. The parts'
+    views are then fused as inspection fuses them (:class:`agent.fusion.SurfaceEvidenceAccumulator`), and the
+    median of their fused geometry peaks becomes ``calibration.surface_fused_geometry_scale`` (at least
+    :data:`MIN_FUSED_SCALE`; the fused appearance stays on the views' channel scales); the part scores are of the
+    volumes at that scale."""
     surface, cal, s = recipe.surface, recipe.calibration, recipe.settings
     assert surface is not None and recipe.references is not None
     maps: list[list[np.ndarray]] = []
@@ -483,10 +490,18 @@ def _reference_view_calibration(recipe: Recipe, parts: list[tuple[Capture, np.nd
     cal.reference_channel_scale = [
         max(float(np.median([m.channels[c].max() for m, ok in views if ok or c != colour])), floors[c]) for c in range(len(floors))
     ]  # fmt: skip
-    scores = []
+    accumulators = []
     for (capture, _), part_maps, flags in zip(parts, maps, with_refs):
-        combined = [anomaly.combine_surface_channels(m.channels, cal.surface_scale(ok)) for m, ok in zip(part_maps, flags)]
-        scores.append(fused_part_score(combined, [m.fusion_depth for m in part_maps], capture.frames, s.voxel_size_m, s.fusion_rule, s.min_defect_voxels))
+        acc = SurfaceEvidenceAccumulator(s.voxel_size_m, rule=s.fusion_rule)
+        for f, m, ok in zip(capture.frames, part_maps, flags):
+            acc.add_view(*anomaly.split_surface_evidence(m.channels, cal.surface_scale(ok)), m.fusion_depth, f.c2w, f.intrinsics, f.name)
+        accumulators.append(acc)
+    geometry_peaks = [float(geometry.max()) if len(geometry) else 0.0 for _, geometry in (acc.evidence() for acc in accumulators)]
+    cal.surface_fused_geometry_scale = max(float(np.median(geometry_peaks)), MIN_FUSED_SCALE)
+    scores = []
+    for acc in accumulators:
+        acc.geometry_scale = cal.surface_fused_geometry_scale
+        scores.append(part_score(acc.volume(), s.min_defect_voxels))
     return scores
 
 
@@ -590,6 +605,18 @@ class RecipeInspector:
         return PartSession(self, part_id)
 
 
+@dataclass
+class _ViewEvidence:
+    """One view's scores: the anomaly map on the verdict scale (what the view reports), the depth it is fused through,
+    and, when the recipe fuses the surface evidence in two parts, the view's appearance and signed geometry maps
+    (:func:`agent.anomaly.split_surface_evidence`, raw units)."""
+
+    score_map: np.ndarray
+    fusion_depth: np.ndarray
+    appearance: np.ndarray | None = None
+    geometry: np.ndarray | None = None
+
+
 class PartSession:
     """One part, fed view by view (implements :class:`agent.inspection.PartInspection`).
 
@@ -604,15 +631,21 @@ class PartSession:
     def __init__(self, inspector: RecipeInspector, part_id: str):
         self.inspector = inspector
         self.part_id = part_id
-        s = inspector.recipe.settings
-        self.accumulator = VoxelAccumulator(s.voxel_size_m, rule=s.fusion_rule)
+        s, cal = inspector.recipe.settings, inspector.recipe.calibration
+        self.accumulator: VoxelAccumulator | SurfaceEvidenceAccumulator
+        if cal.surface_fused_geometry_scale is not None and cal.surface_raw_threshold is not None:
+            self.accumulator = SurfaceEvidenceAccumulator(
+                s.voxel_size_m, rule=s.fusion_rule, appearance_scale=cal.surface_raw_threshold,
+                geometry_scale=cal.surface_fused_geometry_scale * cal.surface_raw_threshold,
+            )  # fmt: skip
+        else:
+            self.accumulator = VoxelAccumulator(s.voxel_size_m, rule=s.fusion_rule)
         self.views: list[Frame] = []
         self.T_world_part = np.eye(4)
         self.placement_ok = False
         self.view_results: list[ViewResult] = []
-        # views not yet fused: (index, the placement it was scored at, its map, the depth to fuse it through); fused
-        # once the placement is frozen
-        self._unfused: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        # views not yet fused: (index, the placement it was scored at, its evidence); fused once the placement is frozen
+        self._unfused: list[tuple[int, np.ndarray, _ViewEvidence]] = []
         self._revised: set[int] = set()  # views whose result changed after add_view returned it
 
     @property
@@ -635,9 +668,10 @@ class PartSession:
             self._place(frame)
             timings["placement"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
-        score_map, fusion_depth = self._score(frame)
+        evidence = self._score(frame)
         timings["anomaly_map"] = (time.perf_counter() - t) * 1000
-        self._unfused.append((len(self.view_results), self.T_world_part.copy(), score_map, fusion_depth))
+        self._unfused.append((len(self.view_results), self.T_world_part.copy(), evidence))
+        score_map = evidence.score_map
         self.view_results.append(ViewResult(frame.name, float(score_map.max()), 0.0, score_map.astype(np.float32), timings))
         if self.placement_frozen:
             t = time.perf_counter()
@@ -651,18 +685,24 @@ class PartSession:
         """Fuse the views not yet fused, in their order; those scored at another placement than the current one are
         scored again first, at most ``rescores`` of them (default: all); the fusion stops at the first view left stale."""
         while self._unfused:
-            i, T_scored, score_map, fusion_depth = self._unfused[0]
+            i, T_scored, evidence = self._unfused[0]
             frame, old = self.views[i], self.view_results[i]
             if not np.array_equal(T_scored, self.T_world_part):
                 if rescores <= 0:
                     return
                 rescores -= 1
                 t = time.perf_counter()
-                score_map, fusion_depth = self._score(frame)
+                evidence = self._score(frame)
                 timings = {**old.timings_ms, "rescore": (time.perf_counter() - t) * 1000}
-                self.view_results[i] = ViewResult(old.frame_id, float(score_map.max()), old.latency_ms, score_map.astype(np.float32), timings)
+                m = evidence.score_map
+                self.view_results[i] = ViewResult(old.frame_id, float(m.max()), old.latency_ms, m.astype(np.float32), timings)
                 self._revised.add(i)  # add_view returned it already (the view being added is scored at the current placement)
-            self.accumulator.add_view(score_map, fusion_depth, frame.c2w, frame.intrinsics, frame.name)
+            if isinstance(self.accumulator, SurfaceEvidenceAccumulator):
+                # a view scored by the feature path (no depth) adds its map, on the verdict scale, to the appearance
+                appearance = evidence.score_map * self.accumulator.appearance_scale if evidence.appearance is None else evidence.appearance
+                self.accumulator.add_view(appearance, evidence.geometry, evidence.fusion_depth, frame.c2w, frame.intrinsics, frame.name)
+            else:
+                self.accumulator.add_view(evidence.score_map, evidence.fusion_depth, frame.c2w, frame.intrinsics, frame.name)
             self._unfused.pop(0)
 
     def _place(self, frame: Frame) -> None:
@@ -689,20 +729,24 @@ class PartSession:
             except RuntimeError:  # diverged
                 pass
 
-    def _score(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+    def _score(self, frame: Frame) -> "_ViewEvidence":
         """The view's anomaly map on the verdict scale at the current placement, and the depth it is fused through.
         With depth (and a recipe surface): the surface evidence, colour against the reference views from this pose
-        when the recipe has some, fused through the observed depth. Otherwise the feature/reference/geometry channels
-        against the Gaussian reference rendered at the placement, fused through the rendered depth."""
+        when the recipe has some, fused through the observed depth (split into appearance and signed geometry when
+        the recipe fuses them apart). Otherwise the feature/reference/geometry channels against the Gaussian reference
+        rendered at the placement, fused through the rendered depth."""
         insp = self.inspector
         recipe, cal = insp.recipe, insp.recipe.calibration
         if insp.scores_on_surface(frame):
             refs = recipe.references.matching(frame.c2w) if recipe.references is not None else []
             maps = anomaly.surface_channel_maps(recipe.surface, frame, self.T_world_part, refs)
-            score_map = anomaly.combine_surface_channels(maps.channels, cal.surface_scale(bool(refs))) / cal.surface_raw_threshold
-            return score_map, maps.fusion_depth
+            scale = cal.surface_scale(bool(refs))
+            score_map = anomaly.combine_surface_channels(maps.channels, scale) / cal.surface_raw_threshold
+            if cal.surface_fused_geometry_scale is None:
+                return _ViewEvidence(score_map, maps.fusion_depth)
+            return _ViewEvidence(score_map, maps.fusion_depth, *anomaly.split_surface_evidence(maps.channels, scale))
         maps, ref = insp.scorer.channels(frame, self.T_world_part)
-        return anomaly.combine_channels(maps, cal.channel_offset, cal.channel_scale) / cal.raw_threshold, ref.depth
+        return _ViewEvidence(anomaly.combine_channels(maps, cal.channel_offset, cal.channel_scale) / cal.raw_threshold, ref.depth)
 
     def finalise(self) -> InspectionResult:
         t0 = time.perf_counter()

@@ -223,6 +223,11 @@ class Calibration:
     # The part scores above were agent.fusion.part_score over regions of this many voxels; it must equal the recipe's
     # min_defect_voxels (a recipe enrolled before the key existed was calibrated on the volume's maximum: 1).
     part_score_min_voxels: int = 1
+    # The surface path's fused geometry (agent.fusion.SurfaceEvidenceAccumulator): the typical peak of the fused signed
+    # geometry evidence on the teach-in parts, which it is divided by before it is compared with the fused appearance
+    # (on the views' channel scales). None: the recipe fuses the combined view maps (enrolled before the split, or
+    # without reference views).
+    surface_fused_geometry_scale: float | None = None
 
     def surface_scale(self, with_references: bool) -> list[float]:
         """The surface channels' scales of a view whose colour was compared with reference views (``with_references``)
@@ -269,6 +274,11 @@ class Calibration:
                 raise ValueError(f"reference_channel_scale must be {n_surface} positive values, got {self.reference_channel_scale}")
             if not self.surface_teach_in_part_scores:
                 raise ValueError("reference_channel_scale without surface_teach_in_part_scores (reference views come from teach-in parts)")
+        if self.surface_fused_geometry_scale is not None:
+            if not (math.isfinite(self.surface_fused_geometry_scale) and self.surface_fused_geometry_scale > 0):
+                raise ValueError(f"surface_fused_geometry_scale must be > 0, got {self.surface_fused_geometry_scale}")
+            if self.surface_raw_threshold is None:
+                raise ValueError("surface_fused_geometry_scale without a surface_raw_threshold")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -293,6 +303,7 @@ class Calibration:
             "surface_teach_in_part_scores": [float(v) for v in self.surface_teach_in_part_scores],
             "reference_channel_scale": None if self.reference_channel_scale is None else [float(v) for v in self.reference_channel_scale],
             "part_score_min_voxels": int(self.part_score_min_voxels),
+            "surface_fused_geometry_scale": None if self.surface_fused_geometry_scale is None else float(self.surface_fused_geometry_scale),
         }
 
     @classmethod
@@ -330,6 +341,7 @@ class Calibration:
                 surface_teach_in_part_scores=[float(v) for v in data.get("surface_teach_in_part_scores", [])],
                 reference_channel_scale=None if data.get("reference_channel_scale") is None else [float(v) for v in data["reference_channel_scale"]],
                 part_score_min_voxels=int(data.get("part_score_min_voxels", 1)),
+                surface_fused_geometry_scale=None if data.get("surface_fused_geometry_scale") is None else float(data["surface_fused_geometry_scale"]),
             )
             calibration.validate()
         except (TypeError, ValueError) as e:

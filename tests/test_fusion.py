@@ -12,6 +12,7 @@ import pytest
 from agent.fusion import (
     DefectRegion,
     SparseVolume,
+    SurfaceEvidenceAccumulator,
     VoxelAccumulator,
     find_defects,
     part_score,
@@ -126,6 +127,68 @@ def test_topk_damps_one_view_in_three_but_keeps_a_voxel_seen_once():
     # Weights: a grazing view (weight 0.1) counts less.
     fused_w = fuse_view_scores(np.array([0, 0]), np.array([1.0, 0.0]), np.array([0.1, 1.0]), 1, "mean")
     np.testing.assert_allclose(fused_w, [0.1 / 1.1], rtol=1e-6)
+
+
+def _split_fused(prior_views: float = 3.0, geometry_scale: float = 1.0) -> SurfaceEvidenceAccumulator:
+    """Six views of the plate: independent signed geometry noise (sd 1) everywhere, a dent (-2 in every view) at
+    DEFECT, a colour blob at FALSE_POSITIVE in view "0" only."""
+    rng = np.random.default_rng(3)
+    acc = SurfaceEvidenceAccumulator(VOXEL, appearance_scale=0.5, geometry_scale=geometry_scale, prior_views=prior_views)
+    for i, c2w in enumerate(_cameras()):
+        depth, points = _plate_depth(c2w)
+        geometry = (rng.normal(0.0, 1.0, depth.shape) - 2.0 * _bump(points, DEFECT)).astype(np.float32)
+        appearance = (_bump(points, FALSE_POSITIVE) if i == 0 else np.zeros(depth.shape)).astype(np.float32)
+        acc.add_view(appearance, geometry, depth, c2w, K, str(i))
+    return acc
+
+
+def test_split_fusion_averages_signed_geometry_over_views_and_keeps_a_consistent_dent():
+    acc = _split_fused()
+    appearance, geometry = acc.evidence()
+    centres = appearance.centres()
+    at_dent = np.linalg.norm(centres[:, :2] - DEFECT[:2], axis=1) < 0.5 * VOXEL
+    far = np.linalg.norm(centres[:, :2] - DEFECT[:2], axis=1) > 4 * SIGMA
+    # the noise's mean over the views (and pixels) that saw a voxel, shrunk by 6 / (6 + 3), stays well below the dent
+    assert geometry[far].max() < 0.7
+    assert geometry[at_dent].max() > 2.0 * geometry[far].max()
+    # rectified per view first (the combined maps' top-k), the same noise reads as evidence as high as the dent
+    rectified = VoxelAccumulator(VOXEL)
+    rng = np.random.default_rng(3)
+    for i, c2w in enumerate(_cameras()):
+        depth, points = _plate_depth(c2w)
+        rectified.add_view(np.abs(rng.normal(0.0, 1.0, depth.shape) - 2.0 * _bump(points, DEFECT)).astype(np.float32), depth, c2w, K, str(i))
+    noise = rectified.volume()
+    assert noise.score[np.linalg.norm(noise.centres()[:, :2] - DEFECT[:2], axis=1) > 4 * SIGMA].max() > geometry[far].max() * 1.5
+    # the volume: the larger of appearance / its scale and geometry / its scale, on the appearance voxels
+    volume = acc.volume()
+    assert np.array_equal(volume.ijk, appearance.ijk)
+    np.testing.assert_allclose(volume.score, np.maximum(appearance.score / 0.5, geometry), rtol=1e-5)
+    # a voxel seen by n views is shrunk by n / (n + prior): without the prior the geometry noise is higher
+    _, unshrunk = _split_fused(prior_views=0.0).evidence()
+    assert np.all(unshrunk >= geometry - 1e-6) and unshrunk[far].max() > geometry[far].max()
+
+
+def test_split_fusion_scales_and_frames_name_the_views_that_saw_the_evidence():
+    acc = _split_fused(geometry_scale=0.2)
+    volume = acc.volume()
+    defects = find_defects(volume, 1.0, 1, acc.view_scores())
+    near = [d for d in defects if np.linalg.norm(np.array(d.centroid[:2]) - DEFECT[:2]) < 2 * SIGMA]
+    assert near and len(near[0].frames) >= 4  # the dent: every view's own geometry evidence is over the threshold
+    blob = [d for d in defects if np.linalg.norm(np.array(d.centroid[:2]) - FALSE_POSITIVE[:2]) < 2 * SIGMA]
+    assert blob and "0" in blob[0].frames  # the colour blob of view "0", kept by the appearance's top-k (seen once)
+
+
+def test_split_fusion_without_geometry_is_the_appearance_fusion():
+    plain = VoxelAccumulator(VOXEL)
+    split = SurfaceEvidenceAccumulator(VOXEL, appearance_scale=2.0)
+    for i, c2w in enumerate(_cameras(3)):
+        depth, points = _plate_depth(c2w)
+        m = _bump(points, DEFECT).astype(np.float32)
+        plain.add_view(m, depth, c2w, K, str(i))
+        split.add_view(m, None, depth, c2w, K, str(i))
+    np.testing.assert_allclose(split.volume().score, plain.volume().score / 2.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="geometry_scale"):
+        SurfaceEvidenceAccumulator(VOXEL, geometry_scale=0.0)
 
 
 def test_incidence_cosine_of_plate_matches_geometry():

@@ -223,6 +223,7 @@ def test_an_outlier_teach_in_part_is_left_out_of_the_references_and_the_threshol
 
 @pytest.mark.slow
 def test_two_teach_in_parts_become_reference_views_calibrated_leaving_one_part_out(cell_data, recipe, teach_in_parts, tmp_path):
+    from agent.fusion import SurfaceEvidenceAccumulator
     from agent.pipeline import EnrollConfig, RecipeInspector, calibrate_on_teach_in, inspect_capture
     from agent.recipe import load_recipe, save_recipe
     from agent.reference_views import ReferenceViews
@@ -234,6 +235,7 @@ def test_two_teach_in_parts_become_reference_views_calibrated_leaving_one_part_o
     refs, cal = unsaved.references, unsaved.calibration
     assert refs is not None and refs.parts == 2 and len(refs) == sum(len(p.frames) for p in teach_in_parts)
     assert cal.reference_channel_scale is not None and cal.notes["reference_margin"] == 1.2
+    assert cal.surface_fused_geometry_scale is not None and cal.surface_fused_geometry_scale > 0  # the parts' fused geometry peak
     assert cal.surface_raw_threshold == pytest.approx(np.quantile(cal.surface_teach_in_part_scores, 0.99) * 1.2, rel=1e-5)
     # Each teach-in part's score is its score as a part inspected against the other part's views alone.
     for i, part in enumerate(teach_in_parts):
@@ -251,7 +253,9 @@ def test_two_teach_in_parts_become_reference_views_calibrated_leaving_one_part_o
     loaded = load_recipe(save_recipe(unsaved, tmp_path))
     np.testing.assert_array_equal(loaded.references.images, refs.images)
     assert loaded.calibration.reference_channel_scale == pytest.approx(cal.reference_channel_scale)
+    assert loaded.calibration.surface_fused_geometry_scale == pytest.approx(cal.surface_fused_geometry_scale)
     inspector = RecipeInspector(loaded)
+    assert isinstance(inspector.start_part("split").accumulator, SurfaceEvidenceAccumulator)
     # against both parts' views (its own among them: colour evidence 0) a teach-in part passes; not necessarily below
     # 1 / margin, as the visibility-weighted top-k fusion is not monotone in the views' scores
     assert max(inspect_capture(inspector, part, f"t{i}")[0].score for i, part in enumerate(teach_in_parts)) < 1.0

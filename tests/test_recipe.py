@@ -253,6 +253,7 @@ def _with_references(recipe: Recipe) -> Recipe:
                                        poses, np.tile(np.eye(4), (n, 1, 1)), np.array([0, 0, 1, 1]), K)  # fmt: skip
     recipe.calibration.surface_teach_in_part_scores = [1.0, 1.25]
     recipe.calibration.reference_channel_scale = [0.2, 0.15, 0.05, 0.3]
+    recipe.calibration.surface_fused_geometry_scale = 1.1
     return recipe
 
 
@@ -265,6 +266,13 @@ def test_reference_views_round_trip_and_rejections(tmp_path):
     assert loaded.calibration.reference_channel_scale == pytest.approx([0.2, 0.15, 0.05, 0.3])
     assert loaded.calibration.surface_scale(True) == pytest.approx([0.2, 0.15, 0.05, 0.3])
     assert loaded.calibration.surface_scale(False) == loaded.calibration.surface_channel_scale
+    assert loaded.calibration.surface_fused_geometry_scale == pytest.approx(1.1)
+    from agent.recipe import Calibration
+
+    for bad in (0.0, -1.0, float("nan")):
+        data = loaded.calibration.to_json() | {"surface_fused_geometry_scale": bad}
+        with pytest.raises(RecipeError, match="surface_fused_geometry_scale must be > 0"):
+            Calibration.from_json(data, tmp_path / "calibration.json")
     from agent.pipeline_cli import recipes_app
 
     result = CliRunner().invoke(recipes_app, ["show", "bracket", "--recipes-dir", str(tmp_path), "--json"])
