@@ -314,14 +314,13 @@ class VoxelAccumulator:
 # placements it found, fused both ways, the recipe's calibration rules; 3 recipes x 8 good + 10 defective parts, 3
 # teach-in parts, 256 px), I-AUROC with the geometry in the combined maps' top-k -> split, seeds 9311 / 7001 / 12077:
 # 0.804 / 0.850 / 0.813 -> 0.850 / 0.888 / 0.825 (the last a fresh seed); with a prior of 1 view 0.833 / 0.904 /
-# 0.833, 6 views 0.871 / 0.863 / 0.821; none: the bracket of 9311 0.788 against 0.825 with 3 (both through the
-# snapped depth below). Every good
-# bracket part's highest voxel had been seen by one view only (seed 9311). Also measured and not
-# kept: dividing the fused appearance by its teach-in peak as well (0.871 / 0.904 / 0.783: the teach-in parts'
-# colour, compared leave-one-part-out with one reference part fewer than inspection has, peaks about twice as high
-# as test parts', so the appearance was scaled down under the geometry's noise floor; the stool's stains and
-# scratches fell under it on the fresh seed); fusing through the observed depth moved along each pixel's ray onto
-# the nominal surface (0.858 / 0.900 / -, no better).
+# 0.833, 6 views 0.871 / 0.863 / 0.821; none: the bracket of 9311 0.788 against 0.825 with 3 (both fused through the
+# snapped depth of the last sentence). Every good bracket part's highest voxel had been seen by one view only (seed
+# 9311). Also measured and not kept: dividing the fused appearance by its teach-in peak as well (0.871 / 0.904 /
+# 0.783: the teach-in parts' colour, compared leave-one-part-out with one reference part fewer than inspection has,
+# peaks about twice as high as test parts', so the appearance was scaled down under the geometry's noise floor; the
+# stool's stains and scratches fell under it on the fresh seed); fusing through the observed depth moved along each
+# pixel's ray onto the nominal surface (0.858 / 0.900 / -, no better).
 GEOMETRY_PRIOR_VIEWS = 3.0
 
 
