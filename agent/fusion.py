@@ -195,6 +195,17 @@ class VoxelViewScores:
     view_ids: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class _ViewProjection:
+    """One view's depth pixels in a voxel lattice: what :meth:`VoxelAccumulator.add_view` computes once per view."""
+
+    pixel: np.ndarray  # (P,) flat indices of the pixels with depth
+    ijk: np.ndarray  # (U, 3) int64, the voxels they fall in
+    inverse: np.ndarray  # (P,) each pixel's row in ijk
+    count: np.ndarray  # (U,) pixels per voxel
+    weight: np.ndarray  # (U,) float32, mean incidence cosine
+
+
 @dataclass
 class _ViewRecords:
     """One view's contribution: one row per voxel the view hit."""
@@ -250,28 +261,39 @@ class VoxelAccumulator:
         if view_id in self._view_ids:
             raise ValueError(f"view {view_id!r} was already added")
         anomaly_map, depth = _checked_view(anomaly_map, depth, K, view_id)
+        return self._add(anomaly_map, self._project(depth, c2w, K, view_id), view_id)
+
+    def _project(self, depth: np.ndarray, c2w: np.ndarray, K: Intrinsics, view_id: str) -> "_ViewProjection":
+        """Where the pixels of a (checked) depth map land in this accumulator's lattice, and the views' weights there."""
         c2w = check_rigid(c2w, what=f"view {view_id!r} c2w")
-
         points, pixel = backproject_depth(depth, c2w, K)
-        scores = anomaly_map.reshape(-1)[pixel].astype(np.float64)
         cosines = np.clip(incidence_cosines(depth, c2w, K).reshape(-1)[pixel], self.min_cos, 1.0)
-
         ijk, inverse = unique_voxels(voxel_indices(points, self.voxel_size, self.origin))
         count = np.bincount(inverse, minlength=len(ijk))
-        order = np.argsort(inverse, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+        weight = (np.bincount(inverse, cosines, len(ijk)) / np.maximum(count, 1)).astype(np.float32)
+        return _ViewProjection(pixel, ijk, inverse, count, weight)
+
+    def _add(self, anomaly_map: np.ndarray, projection: "_ViewProjection", view_id: str) -> int:
+        """Add a (checked) anomaly map's records at a projection of its view's depth."""
+        view_id = str(view_id)
+        if view_id in self._view_ids:
+            raise ValueError(f"view {view_id!r} was already added")
+        pr = projection
+        scores = anomaly_map.reshape(-1)[pr.pixel].astype(np.float64)
+        order = np.argsort(pr.inverse, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(pr.count)[:-1]]).astype(np.int64)
         score_max = np.maximum.reduceat(scores[order], starts) if len(order) else np.zeros(0)
         self._views.append(
             _ViewRecords(
-                ijk=ijk,
+                ijk=pr.ijk,
                 score_max=score_max.astype(np.float32),
-                score_mean=(np.bincount(inverse, scores, len(ijk)) / np.maximum(count, 1)).astype(np.float32),
-                weight=(np.bincount(inverse, cosines, len(ijk)) / np.maximum(count, 1)).astype(np.float32),
+                score_mean=(np.bincount(pr.inverse, scores, len(pr.ijk)) / np.maximum(pr.count, 1)).astype(np.float32),
+                weight=pr.weight,
             )
         )
         self._view_ids.append(view_id)
         self._fused = None
-        return len(ijk)
+        return len(pr.ijk)
 
     def volume(self) -> SparseVolume:
         """The fused anomaly volume of all views added so far."""
@@ -363,10 +385,18 @@ class SurfaceEvidenceAccumulator:
     def add_view(
         self, appearance_map: np.ndarray, geometry_map: np.ndarray | None, depth: np.ndarray, c2w: np.ndarray, K: Intrinsics, view_id: str
     ) -> int:
-        """Back-project one view's appearance map (and its signed geometry map, when it has one) through ``depth``."""
-        hit = self.appearance.add_view(appearance_map, depth, c2w, K, view_id)
+        """Back-project one view's appearance map (and its signed geometry map, when it has one) through ``depth``,
+        which is projected into the lattice once for both."""
+        view_id = str(view_id)
+        if view_id in self.appearance.view_ids:
+            raise ValueError(f"view {view_id!r} was already added")
+        appearance_map, depth = _checked_view(appearance_map, depth, K, view_id)
         if geometry_map is not None:
-            self.geometry.add_view(geometry_map, depth, c2w, K, view_id)
+            geometry_map, _ = _checked_view(geometry_map, depth, K, view_id)
+        projection = self.appearance._project(depth, c2w, K, view_id)  # the two accumulators share voxel size, origin, min_cos
+        hit = self.appearance._add(appearance_map, projection, view_id)
+        if geometry_map is not None:
+            self.geometry._add(geometry_map, projection, view_id)
         return hit
 
     def _geometry_rows(self, appearance: SparseVolume) -> tuple[SparseVolume, np.ndarray, np.ndarray]:
