@@ -76,6 +76,17 @@ def key_box(*ijk_arrays: np.ndarray, pad: int = 0) -> tuple[np.ndarray, np.ndarr
     return lo, dims
 
 
+def key_rows(keys: np.ndarray, query: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """The row of each ``query`` key in ``keys`` (int64, -1 where it is absent); ``order``: ``np.argsort(keys)``, when
+    the caller has it already."""
+    keys, query = np.asarray(keys), np.asarray(query)
+    if len(keys) == 0:
+        return np.full(len(query), -1, np.int64)
+    order = np.argsort(keys) if order is None else order
+    pos = np.minimum(np.searchsorted(keys[order], query), len(keys) - 1)
+    return np.where(keys[order][pos] == query, order[pos], -1)
+
+
 def unique_voxels(ijk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct rows of an N x 3 index array (sorted) and, per input row, its row in that result."""
     ijk = np.asarray(ijk, dtype=np.int64).reshape(-1, 3)
@@ -406,13 +417,8 @@ class SurfaceEvidenceAccumulator:
         # the same lattice (both accumulators start at the world origin): match voxels by absolute index
         a_ijk = appearance.ijk.astype(np.int64) + np.rint(appearance.origin / self.voxel_size).astype(np.int64)
         g_ijk = g.ijk.astype(np.int64) + np.rint(g.origin / self.voxel_size).astype(np.int64)
-        if len(a_ijk) == 0:
-            return g, np.full(len(g_ijk), -1, np.int64), seen
         lo, dims = key_box(a_ijk, g_ijk)
-        a_keys, g_keys = voxel_keys(a_ijk, lo, dims), voxel_keys(g_ijk, lo, dims)
-        order = np.argsort(a_keys)
-        pos = np.minimum(np.searchsorted(a_keys[order], g_keys), len(a_keys) - 1)
-        return g, np.where(a_keys[order][pos] == g_keys, order[pos], -1), seen
+        return g, key_rows(voxel_keys(a_ijk, lo, dims), voxel_keys(g_ijk, lo, dims)), seen
 
     def evidence(self) -> tuple[SparseVolume, np.ndarray]:
         """The appearance volume (unscaled) and, per voxel of it, the fused geometry evidence (unscaled, >= 0)."""
@@ -565,14 +571,12 @@ def label_components(ijk: np.ndarray) -> tuple[int, np.ndarray]:
     lo, dims = key_box(ijk, pad=1)
     keys = voxel_keys(ijk, lo, dims)
     order = np.argsort(keys)
-    sorted_keys = keys[order]
     rows, cols = [], []
     for offset in _NEIGHBOUR_OFFSETS:
-        nkeys = voxel_keys(ijk + offset, lo, dims)
-        pos = np.minimum(np.searchsorted(sorted_keys, nkeys), n - 1)
-        hit = sorted_keys[pos] == nkeys
+        neighbour = key_rows(keys, voxel_keys(ijk + offset, lo, dims), order)
+        hit = neighbour >= 0
         rows.append(np.nonzero(hit)[0])
-        cols.append(order[pos[hit]])
+        cols.append(neighbour[hit])
     rows_a, cols_a = np.concatenate(rows), np.concatenate(cols)
     graph = coo_matrix((np.ones(len(rows_a), np.int8), (rows_a, cols_a)), shape=(n, n))
     count, labels = connected_components(graph, directed=False)

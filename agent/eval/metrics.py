@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from agent.fusion import SparseVolume, key_box, unique_voxels, voxel_indices, voxel_keys
+from agent.fusion import SparseVolume, key_box, key_rows, unique_voxels, voxel_indices, voxel_keys
 
 Maps = Sequence[np.ndarray] | np.ndarray  # one H x W array, N x H x W, or a sequence of H x W arrays
 # 8-connectivity, as the MVTec reference code (structure = np.ones((3, 3))).
@@ -207,12 +207,9 @@ def resample_max(volume: SparseVolume, ijk: np.ndarray, voxel_size: float, grid_
         [local // (ext[:, 1] * ext[:, 2]), (local // ext[:, 2]) % ext[:, 1], local % ext[:, 2]], axis=1
     )
     lo, dims = key_box(ijk, covered)
-    target_keys = voxel_keys(ijk, lo, dims)
-    order = np.argsort(target_keys)
-    covered_keys = voxel_keys(covered, lo, dims)
-    pos = np.minimum(np.searchsorted(target_keys[order], covered_keys), len(ijk) - 1)
-    hit = target_keys[order][pos] == covered_keys
-    np.maximum.at(out, order[pos[hit]], volume.score[source[hit]].astype(np.float64))
+    target = key_rows(voxel_keys(ijk, lo, dims), voxel_keys(covered, lo, dims))
+    hit = target >= 0
+    np.maximum.at(out, target[hit], volume.score[source[hit]].astype(np.float64))
     out[np.isneginf(out)] = float(volume.score.min())
     return out
 
