@@ -60,6 +60,12 @@ def test_cell_report_is_complete_with_the_baseline(cell_run):
         for p in res.parts:
             assert _finite(p.score) and p.n_views == 4 and len(p.view_scores) == 4
             assert p.verdict == ("fail" if p.score >= res.threshold else "pass")
+            # the evidence at the defect (beyond the spec): only defective parts have it, and it is part of the volume
+            if p.label == 0:
+                assert p.defect_peak is None and p.elsewhere_peak is None
+            else:
+                peaks = [v for v in (p.defect_peak, p.elsewhere_peak) if v is not None]
+                assert peaks and max(peaks) >= p.score - 1e-6
         L = res.latency
         assert L.n_views == 16 and 0 < L.per_view_ms_p50 <= L.per_view_ms_p95
         assert _finite(L.last_view_to_verdict_ms_mean) and L.last_view_to_verdict_ms_mean > 0

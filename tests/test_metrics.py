@@ -10,7 +10,9 @@ import pytest
 from agent.eval.metrics import (
     accuracy_at_threshold,
     au_pro,
+    evidence_near,
     image_auroc,
+    located_auroc,
     pixel_auroc,
     pro_curve,
     resample_max,
@@ -255,3 +257,38 @@ def test_accuracy_rates_are_nan_without_their_class():
     assert math.isnan(only_good.escape_rate)
     with pytest.raises(ValueError, match="no parts"):
         accuracy_at_threshold([], [], threshold=0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evidence at the defect (beyond the spec)
+
+
+def test_evidence_near_splits_the_volume_at_the_radius():
+    # 1 cm voxels along x, centres at 0.5, 1.5, ... 4.5 cm; the defect's points at x = 0 and 0.2 cm
+    vol = SparseVolume(0.01, np.zeros(3), np.array([[i, 0, 0] for i in range(5)]), np.array([0.3, 2.0, 5.0, 1.0, 0.7], np.float32))
+    vol.origin = np.array([0.0, -0.005, -0.005])
+    points = np.array([[0.0, 0.0, 0.0], [0.002, 0.0, 0.0]])
+    # within 1 cm of a point: only the centre at 0.5 cm (the next, at 1.5 cm, is 1.3 cm from the nearer point)
+    near, elsewhere = evidence_near(vol, points, 0.01)
+    assert near == pytest.approx(0.3) and elsewhere == pytest.approx(5.0)
+    near, elsewhere = evidence_near(vol, points, 0.014)  # now the 1.5 cm centre (1.3 cm away) counts too
+    assert near == pytest.approx(2.0) and elsewhere == pytest.approx(5.0)
+    near, elsewhere = evidence_near(vol, points, 0.05)  # everything near, nothing elsewhere
+    assert near == pytest.approx(5.0) and elsewhere is None
+    assert evidence_near(vol, points + 1.0, 0.01) == (None, pytest.approx(5.0))
+
+
+def test_evidence_near_rejects_bad_input():
+    vol = SparseVolume(0.01, np.zeros(3), np.zeros((1, 3), np.int64), np.ones(1, np.float32))
+    with pytest.raises(ValueError, match="no defect points"):
+        evidence_near(vol, np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="radius_m"):
+        evidence_near(vol, np.zeros((1, 3)), 0.0)
+
+
+def test_located_auroc_hand_computed():
+    # good 0.2, 0.6; defects scored at their defect 0.9 (wins both), 0.4 (wins one), None (nothing near: loses both)
+    assert located_auroc([0.2, 0.6], [0.9, 0.4, None]) == pytest.approx(3 / 6)
+    assert located_auroc([0.2, 0.6], [0.9, 0.7]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="good and defective"):
+        located_auroc([], [0.5])

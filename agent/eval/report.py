@@ -19,9 +19,10 @@ REPORT_FORMAT = "edge-inspection-agent/eval-report"
 REPORT_VERSION = 1
 
 # Metric keys, in table order. Those a protocol does not define are absent from its metric dicts.
-CELL_METRICS = ("i_auroc", "p_auroc", "au_pro_0.3", "v_aupro_0.01", "accuracy", "false_reject_rate", "escape_rate")
+CELL_METRICS = ("i_auroc", "p_auroc", "au_pro_0.3", "v_aupro_0.01", "accuracy", "false_reject_rate", "escape_rate", "i_auroc_located", "located_rate")
 MAD_METRICS = ("i_auroc", "p_auroc", "au_pro_0.3")
-TYPE_METRICS = ("i_auroc", "p_auroc", "au_pro_0.3", "v_aupro_0.01")
+TYPE_METRICS = ("i_auroc", "p_auroc", "au_pro_0.3", "v_aupro_0.01", "i_auroc_located")
+_VOLUME_METRICS = ("v_aupro_0.01", "i_auroc_located")  # not defined for the mad protocol (single images, no volume)
 # Orientation only: SplatPose's mean MAD-Sim figures (its paper, table of MAD-Sim results), in percent.
 SPLATPOSE_MAD_SIM = {"i_auroc": 93.9, "p_auroc": 99.5}
 
@@ -38,6 +39,10 @@ class PartRecord:
     n_views: int
     view_scores: list[float] = field(default_factory=list)  # maximum of each view's map
     seconds: float = 0.0  # wall time of the whole instance
+    # defective parts with ground-truth points and a volume: the highest voxel within metrics.LOCATE_RADIUS_M of the
+    # defect and the highest elsewhere (None: no such voxel or not known)
+    defect_peak: float | None = None
+    elsewhere_peak: float | None = None
 
 
 @dataclass
@@ -197,7 +202,7 @@ def print_report(report: EvalReport, console=None) -> None:
         per_type.add_column("type")
         for name in methods:
             for key in TYPE_METRICS:
-                if report.protocol == "mad" and key == "v_aupro_0.01":
+                if report.protocol == "mad" and key in _VOLUME_METRICS:
                     continue
                 per_type.add_column(f"{name}\n{key}", justify="right")
         for obj in report.objects:
@@ -207,7 +212,7 @@ def print_report(report: EvalReport, console=None) -> None:
                 row = [obj.name, t]
                 for name in methods:
                     values = obj.methods[name].per_type.get(t, {}) if name in obj.methods else {}
-                    row += [_fmt(values.get(k)) for k in TYPE_METRICS if not (report.protocol == "mad" and k == "v_aupro_0.01")]
+                    row += [_fmt(values.get(k)) for k in TYPE_METRICS if not (report.protocol == "mad" and k in _VOLUME_METRICS)]
                 per_type.add_row(*row)
         console.print(per_type)
 
