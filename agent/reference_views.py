@@ -24,6 +24,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from agent.geometry import Intrinsics, check_rigid, rotation_angle_deg
+from agent.npz import read_versioned_npz
 
 REFERENCE_VIEWS_FORMAT = "edge-inspection-agent/reference-views"
 REFERENCE_VIEWS_VERSION = 1
@@ -134,18 +135,13 @@ class ReferenceViews:
     @classmethod
     def load(cls, path: str | Path) -> "ReferenceViews":
         """Read what :meth:`save` wrote (no pickle); ValueError names what is wrong."""
-        keys = ("format", "version", "images", "depth", "c2w", "T_world_part", "part", "intrinsics")
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in keys if k not in z]
-            if missing:
-                raise ValueError(f"not a reference views file: missing {', '.join(missing)}")
-            if str(z["format"]) != REFERENCE_VIEWS_FORMAT or int(z["version"]) != REFERENCE_VIEWS_VERSION:
-                raise ValueError(f"unsupported reference views format {str(z['format'])!r} version {int(z['version'])}")
-            k = np.asarray(z["intrinsics"], dtype=np.float64)
-            if k.shape != (6,) or not np.isfinite(k).all() or k[4] != math.floor(k[4]) or k[5] != math.floor(k[5]):
-                raise ValueError("reference views: intrinsics must be fx, fy, cx, cy, width, height")
-            K = Intrinsics(float(k[0]), float(k[1]), float(k[2]), float(k[3]), int(k[4]), int(k[5]))
-            return cls(z["images"], z["depth"], z["c2w"], z["T_world_part"], z["part"], K)
+        z = read_versioned_npz(path, REFERENCE_VIEWS_FORMAT, REFERENCE_VIEWS_VERSION,
+                               ("images", "depth", "c2w", "T_world_part", "part", "intrinsics"), "reference views")  # fmt: skip
+        k = np.asarray(z["intrinsics"], dtype=np.float64)
+        if k.shape != (6,) or not np.isfinite(k).all() or k[4] != math.floor(k[4]) or k[5] != math.floor(k[5]):
+            raise ValueError("reference views: intrinsics must be fx, fy, cx, cy, width, height")
+        K = Intrinsics(float(k[0]), float(k[1]), float(k[2]), float(k[3]), int(k[4]), int(k[5]))
+        return cls(z["images"], z["depth"], z["c2w"], z["T_world_part"], z["part"], K)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,11 +235,6 @@ class GeometryReference:
     @classmethod
     def load(cls, path: str | Path) -> "GeometryReference":
         """Read what :meth:`save` wrote (no pickle); ValueError names what is wrong."""
-        keys = ("format", "version", "points", "signed", "part", "voxel_size")
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in keys if k not in z]
-            if missing:
-                raise ValueError(f"not a geometry reference file: missing {', '.join(missing)}")
-            if str(z["format"]) != GEOMETRY_REFERENCE_FORMAT or int(z["version"]) != GEOMETRY_REFERENCE_VERSION:
-                raise ValueError(f"unsupported geometry reference format {str(z['format'])!r} version {int(z['version'])}")
-            return cls(z["points"], z["signed"], z["part"], float(z["voxel_size"]))
+        z = read_versioned_npz(path, GEOMETRY_REFERENCE_FORMAT, GEOMETRY_REFERENCE_VERSION, ("points", "signed", "part", "voxel_size"),
+                               "geometry reference")  # fmt: skip
+        return cls(z["points"], z["signed"], z["part"], float(z["voxel_size"]))

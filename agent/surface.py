@@ -50,6 +50,7 @@ from agent.geometry import (
     rotation_about_axis,
     transform_points,
 )
+from agent.npz import read_versioned_npz
 from agent.reference_views import ReferenceView
 
 SURFACE_FORMAT = "edge-inspection-agent/nominal-surface"
@@ -215,15 +216,11 @@ class NominalSurface:
     @classmethod
     def load(cls, path: str | Path) -> "NominalSurface":
         """Read a surface written by :meth:`save` (no pickle); ValueError names what is wrong."""
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("format", "version", "points", "normals", "colour", "geometry_tol", "colour_tol", "spacing_m") if k not in z]
-            if missing:
-                raise ValueError(f"not a nominal surface file: missing {', '.join(missing)}")
-            if str(z["format"]) != SURFACE_FORMAT or int(z["version"]) != SURFACE_VERSION:
-                raise ValueError(f"unsupported nominal surface format {str(z['format'])!r} version {int(z['version'])}")
-            arrays = {k: np.asarray(z[k], dtype=np.float32) for k in ("points", "normals", "colour", "geometry_tol", "colour_tol")}
-            support = np.asarray(z["support"], dtype=np.int32) if "support" in z else None
-            return cls(**arrays, spacing_m=float(z["spacing_m"]), support=support)
+        fields = ("points", "normals", "colour", "geometry_tol", "colour_tol")
+        z = read_versioned_npz(path, SURFACE_FORMAT, SURFACE_VERSION, (*fields, "spacing_m"), "nominal surface")
+        arrays = {k: np.asarray(z[k], dtype=np.float32) for k in fields}
+        support = np.asarray(z["support"], dtype=np.int32) if "support" in z else None
+        return cls(**arrays, spacing_m=float(z["spacing_m"]), support=support)
 
 
 # ---------------------------------------------------------------------------------------------
