@@ -1,5 +1,5 @@
-"""Versioned npz artefacts of a recipe (nominal surface, reference views, geometry reference): read without pickles,
-the format name and version checked, with a ValueError that says what is wrong."""
+"""Versioned npz artefacts of a recipe (nominal surface, reference views): read without pickles, the format name and
+version checked, with a ValueError that says what is wrong."""
 
 from __future__ import annotations
 

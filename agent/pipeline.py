@@ -47,11 +47,11 @@ from agent.capture import Capture, Frame
 from agent.contract import ContractError
 from agent.features import DEFAULT_EXTRACTOR, PatchFeatureExtractor, get_extractor
 from agent.fusion import SurfaceEvidenceAccumulator, VoxelAccumulator, find_defects, part_score
-from agent.geometry import Intrinsics, check_rigid, rotation_about_axis, rotation_angle_deg, transform_points
+from agent.geometry import Intrinsics, check_rigid, rotation_about_axis, rotation_angle_deg
 from agent.inspection import InspectionResult, ViewResult
 from agent.memory_bank import MemoryBank, patch_rows
 from agent.recipe import Calibration, Recipe, RecipeSettings
-from agent.reference_views import GeometryReference, ReferenceViews
+from agent.reference_views import ReferenceViews
 from agent.splat.init import init_from_depth
 from agent.splat.model import GaussianModel
 from agent.splat.placement import PlacementConfig, refine_placement
@@ -470,9 +470,7 @@ def _reference_view_calibration(recipe: Recipe, parts: list[tuple[Capture, np.nd
     views are then fused as inspection fuses them (:class:`agent.fusion.SurfaceEvidenceAccumulator`), and the
     median of their fused geometry peaks becomes ``calibration.surface_fused_geometry_scale`` (at least
     :data:`MIN_FUSED_SCALE`; the fused appearance stays on the views' channel scales); the part scores are of the
-    volumes at that scale. Each part's fused signed geometry, in the recipe frame, becomes
-    ``recipe.geometry_reference`` (:class:`agent.reference_views.GeometryReference`), and each part's fused geometry
-    is measured less the other parts' there (leave-one-part-out, as inspection subtracts all of theirs)."""
+    volumes at that scale."""
     surface, cal, s = recipe.surface, recipe.calibration, recipe.settings
     assert surface is not None and recipe.references is not None
     maps: list[list[np.ndarray]] = []
@@ -493,21 +491,11 @@ def _reference_view_calibration(recipe: Recipe, parts: list[tuple[Capture, np.nd
         max(float(np.median([m.channels[c].max() for m, ok in views if ok or c != colour])), floors[c]) for c in range(len(floors))
     ]  # fmt: skip
     accumulators = []
-    signed_parts = []  # each part's fused signed geometry at its voxel centres, recipe frame
-    for (capture, T), part_maps, flags in zip(parts, maps, with_refs):
+    for (capture, _), part_maps, flags in zip(parts, maps, with_refs):
         acc = SurfaceEvidenceAccumulator(s.voxel_size_m, rule=s.fusion_rule)
         for f, m, ok in zip(capture.frames, part_maps, flags):
             acc.add_view(*anomaly.split_surface_evidence(m.channels, cal.surface_scale(ok)), m.fusion_depth, f.c2w, f.intrinsics, f.name)
         accumulators.append(acc)
-        volume, signed, seen = acc.signed_geometry()
-        has = seen > 0
-        signed_parts.append((transform_points(np.linalg.inv(T), volume.centres()[has]), signed[has]))
-    if any(len(v) for _, v in signed_parts):
-        recipe.geometry_reference = GeometryReference.from_parts(signed_parts, s.voxel_size_m)
-        for i, ((_, T), acc) in enumerate(zip(parts, accumulators)):  # each part against the others' geometry
-            acc.geometry_offset = geometry_offset(recipe.geometry_reference, T, exclude_part=i)
-    else:
-        recipe.geometry_reference = None
     geometry_peaks = [float(geometry.max()) if len(geometry) else 0.0 for _, geometry in (acc.evidence() for acc in accumulators)]
     cal.surface_fused_geometry_scale = max(float(np.median(geometry_peaks)), MIN_FUSED_SCALE)
     scores = []
@@ -515,13 +503,6 @@ def _reference_view_calibration(recipe: Recipe, parts: list[tuple[Capture, np.nd
         acc.geometry_scale = cal.surface_fused_geometry_scale
         scores.append(part_score(acc.volume(), s.min_defect_voxels))
     return scores
-
-
-def geometry_offset(reference: GeometryReference, T_world_part: np.ndarray, exclude_part: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """The teach-in parts' fused signed geometry at world points of a part placed at ``T_world_part`` (what
-    :attr:`agent.fusion.SurfaceEvidenceAccumulator.geometry_offset` subtracts), leaving out ``exclude_part``."""
-    T_part_world = np.linalg.inv(np.asarray(T_world_part, dtype=np.float64))
-    return lambda points: reference.at(transform_points(T_part_world, points), exclude_part)
 
 
 def surface_spacing(voxel_size_m: float) -> float:
@@ -657,8 +638,6 @@ class PartSession:
                 s.voxel_size_m, rule=s.fusion_rule, appearance_scale=cal.surface_raw_threshold,
                 geometry_scale=cal.surface_fused_geometry_scale * cal.surface_raw_threshold,
             )  # fmt: skip
-            if inspector.recipe.geometry_reference is not None:
-                self.accumulator.geometry_offset = self._geometry_offset
         else:
             self.accumulator = VoxelAccumulator(s.voxel_size_m, rule=s.fusion_rule)
         self.views: list[Frame] = []
@@ -668,12 +647,6 @@ class PartSession:
         # views not yet fused: (index, the placement it was scored at, its evidence); fused once the placement is frozen
         self._unfused: list[tuple[int, np.ndarray, _ViewEvidence]] = []
         self._revised: set[int] = set()  # views whose result changed after add_view returned it
-
-    def _geometry_offset(self, points: np.ndarray) -> np.ndarray:
-        """The teach-in parts' fused signed geometry at world ``points``, through this part's placement (read when the
-        volume is fused: the placement is frozen by then)."""
-        assert self.inspector.recipe.geometry_reference is not None
-        return geometry_offset(self.inspector.recipe.geometry_reference, self.T_world_part)(points)
 
     @property
     def placement_frozen(self) -> bool:

@@ -103,8 +103,6 @@ def recipes_show(
         "model": {"gaussians": len(recipe.model), "sh_degree": recipe.model.sh_degree},
         "memory_bank": {"rows": len(recipe.bank), "dim": recipe.bank.dim, "metadata": recipe.bank.metadata},
         "reference_views": None if recipe.references is None else {"views": len(recipe.references), "teach_in_parts": recipe.references.parts},
-        "geometry_reference": None if recipe.geometry_reference is None else {
-            "voxels": len(recipe.geometry_reference.points), "teach_in_parts": len(recipe.geometry_reference.parts)},
     }
     if as_json:
         typer.echo(json.dumps(info, indent=2))

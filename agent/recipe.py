@@ -12,9 +12,6 @@ A recipe is a folder ``<recipes_dir>/<name>/``:
 - ``reference_views.npz``  optional (teach-in parts with depth): the teach-in parts' views, images, depth, poses and
                            placements, the colour reference of views taken from the same poses
                            (:class:`agent.reference_views.ReferenceViews`)
-- ``geometry_reference.npz`` optional (with reference views): the teach-in parts' fused signed geometry in the recipe
-                           frame, subtracted from a part's where they all share it
-                           (:class:`agent.reference_views.GeometryReference`)
 - ``manifest.json``        ``{"files": {name: sha256}}`` of every artefact above
 
 The recipe version is ``"sha256:" + sha256(manifest.json bytes)``: it changes when any artefact changes.
@@ -44,7 +41,7 @@ from agent.geometry import Intrinsics, check_rigid
 from agent.memory_bank import MemoryBank
 from agent.splat.model import GaussianModel
 from agent.errors import FileProblemError
-from agent.reference_views import GeometryReference, ReferenceViews
+from agent.reference_views import ReferenceViews
 from agent.surface import NominalSurface
 
 RECIPE_FILE = "recipe.toml"
@@ -54,9 +51,8 @@ CALIBRATION_FILE = "calibration.json"
 MANIFEST_FILE = "manifest.json"
 SURFACE_FILE = "surface.npz"
 REFERENCE_VIEWS_FILE = "reference_views.npz"
-GEOMETRY_REFERENCE_FILE = "geometry_reference.npz"
 ARTEFACTS = (RECIPE_FILE, MODEL_FILE, BANK_FILE, CALIBRATION_FILE)
-OPTIONAL_ARTEFACTS = (SURFACE_FILE, REFERENCE_VIEWS_FILE, GEOMETRY_REFERENCE_FILE)
+OPTIONAL_ARTEFACTS = (SURFACE_FILE, REFERENCE_VIEWS_FILE)
 FORMAT_VERSION = 1
 CHANNELS = ("memory", "reference", "geometry")  # the anomaly-map channels, in calibration order
 RECIPES_ENV = "AGENT_RECIPES_DIR"
@@ -365,7 +361,6 @@ class Recipe:
     references: ReferenceViews | None = None  # the teach-in parts' views (agent.reference_views)
     version: str = ""
     root: Path | None = None
-    geometry_reference: GeometryReference | None = None  # the teach-in parts' fused geometry (agent.reference_views)
 
     @property
     def name(self) -> str:
@@ -419,9 +414,6 @@ def save_recipe(recipe: Recipe, recipes_dir: str | os.PathLike, overwrite: bool 
         if recipe.references is not None:
             recipe.references.save(tmp / REFERENCE_VIEWS_FILE)
             names.append(REFERENCE_VIEWS_FILE)
-        if recipe.geometry_reference is not None:
-            recipe.geometry_reference.save(tmp / GEOMETRY_REFERENCE_FILE)
-            names.append(GEOMETRY_REFERENCE_FILE)
         manifest = _manifest_bytes({name: sha256_file(tmp / name) for name in names})
         (tmp / MANIFEST_FILE).write_bytes(manifest)
         if final.exists():
@@ -518,13 +510,7 @@ def load_recipe(root: str | os.PathLike) -> Recipe:
         raise RecipeError(root / REFERENCE_VIEWS_FILE, "reference views need the nominal surface (surface.npz)")
     if references is not None and (references.intrinsics.width, references.intrinsics.height) != (settings.camera.width, settings.camera.height):
         raise RecipeError(root / REFERENCE_VIEWS_FILE, f"views are {references.intrinsics.width}x{references.intrinsics.height}, the recipe camera {settings.camera.width}x{settings.camera.height}")
-    geometry_reference = _optional_artefact(root, GEOMETRY_REFERENCE_FILE, listed, GeometryReference.load)
-    if geometry_reference is not None and (references is None or calibration.surface_fused_geometry_scale is None):
-        raise RecipeError(root / GEOMETRY_REFERENCE_FILE, f"the teach-in parts' geometry needs their reference views ({REFERENCE_VIEWS_FILE}) "
-                                                          "and calibration.surface_fused_geometry_scale")  # fmt: skip
-    if geometry_reference is not None and not math.isclose(geometry_reference.voxel_size, settings.voxel_size_m, rel_tol=1e-6):
-        raise RecipeError(root / GEOMETRY_REFERENCE_FILE, f"fused on {geometry_reference.voxel_size} m voxels, {RECIPE_FILE} says {settings.voxel_size_m} m")
-    return Recipe(settings, model, bank, calibration, surface, references, version, root, geometry_reference)
+    return Recipe(settings, model, bank, calibration, surface, references, version, root)
 
 
 def _optional_artefact(root: Path, name: str, listed: dict[str, str], load: Callable[[Path], Any]) -> Any:

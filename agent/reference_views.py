@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from agent.geometry import Intrinsics, check_rigid, rotation_angle_deg
 from agent.npz import read_versioned_npz
@@ -142,99 +141,3 @@ class ReferenceViews:
             raise ValueError("reference views: intrinsics must be fx, fy, cx, cy, width, height")
         K = Intrinsics(float(k[0]), float(k[1]), float(k[2]), float(k[3]), int(k[4]), int(k[5]))
         return cls(z["images"], z["depth"], z["c2w"], z["T_world_part"], z["part"], K)
-
-
-# ---------------------------------------------------------------------------------------------
-# The teach-in parts' fused geometry
-
-GEOMETRY_REFERENCE_FORMAT = "edge-inspection-agent/geometry-reference"
-GEOMETRY_REFERENCE_VERSION = 1
-# A teach-in part's fused geometry counts at a place when one of its voxels' centres is within this many voxels of it
-# (placements differ by fractions of a voxel, so the lattices do not line up). Measured with the offline harness of
-# agent.fusion.GEOMETRY_PRIOR_VIEWS (the pipeline's view maps at the placements it found, 3 recipes x 8 good + 10
-# defective parts, 3 teach-in parts, 256 px), I-AUROC on seeds 7001 / 9311 / 12077 without the subtraction 0.888 /
-# 0.850 / 0.825 (mean 0.854), with it 0.900 / 0.871 / 0.871 (mean 0.881; the stool of 12077 0.788 -> 0.887: its good
-# parts' highest geometry sat at the same joints of the rails on 5 of 8 parts). Also measured: a radius of 1 voxel
-# 0.917 / 0.850 / 0.875; the mean of the parts instead of the median 0.917 / 0.829 / 0.867 (one odd teach-in bracket
-# set it on 9311); only what all parts share in sign, at the smallest of their magnitudes, 0.908 / 0.838 / 0.850; 0.7
-# times the median 0.900 / 0.867 / 0.871.
-GEOMETRY_REFERENCE_RADIUS_VOXELS = 1.5
-
-
-@dataclass
-class GeometryReference:
-    """The fused *signed* geometry evidence of each teach-in part (:class:`agent.fusion.SurfaceEvidenceAccumulator`,
-    before it is rectified), at its voxels' centres in the recipe frame.
-
-    The nominal surface is the golden part's fused depth: where it is a little off (a leg-rail joint, a bend, an edge
-    the golden views saw at a grazing angle), every part shows the same small extra or missing material there, and
-    that, not one part's depth noise, set the highest geometry evidence of most good parts. :meth:`at` gives the
-    median over the teach-in parts of their evidence at a place (0 for a part without a voxel there), which inspection
-    subtracts from a part's fused geometry before it is rectified: a place all nominal parts share is nominal. The
-    median keeps one odd teach-in part from setting it."""
-
-    points: np.ndarray  # M x 3 float32, recipe frame: voxel centres
-    signed: np.ndarray  # M float32: fused signed geometry evidence (in units of the per-view geometry scales)
-    part: np.ndarray  # M int32 >= 0: which teach-in part
-    voxel_size: float  # of the lattice the evidence was fused on, metres
-
-    def __post_init__(self) -> None:
-        self.points = np.asarray(self.points, dtype=np.float32).reshape(-1, 3)
-        self.signed = np.asarray(self.signed, dtype=np.float32).reshape(-1)
-        self.part = np.asarray(self.part, dtype=np.int32).reshape(-1)
-        n = len(self.points)
-        if n == 0:
-            raise ValueError("geometry reference: no voxels")
-        if self.signed.shape != (n,) or self.part.shape != (n,):
-            raise ValueError(f"geometry reference: {n} points need {n} signed values and {n} part indices")
-        if not (np.isfinite(self.points).all() and np.isfinite(self.signed).all()):
-            raise ValueError("geometry reference: points and values must be finite")
-        if (self.part < 0).any():
-            raise ValueError("geometry reference: part indices must be >= 0")
-        if not (math.isfinite(self.voxel_size) and 0 < self.voxel_size < 1):
-            raise ValueError(f"geometry reference: voxel size must be in (0, 1) metres, got {self.voxel_size}")
-        self._trees: dict[int, tuple[cKDTree, np.ndarray]] = {}
-
-    @property
-    def parts(self) -> list[int]:
-        return [int(p) for p in np.unique(self.part)]
-
-    def at(self, points: np.ndarray, exclude_part: int | None = None) -> np.ndarray:
-        """N float64: the median over the teach-in parts (less ``exclude_part``) of their signed evidence at
-        ``points`` (N x 3, recipe frame); a part with no voxel within :data:`GEOMETRY_REFERENCE_RADIUS_VOXELS` counts 0."""
-        points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-        parts = [p for p in self.parts if p != exclude_part]
-        if not parts or len(points) == 0:
-            return np.zeros(len(points))
-        radius = GEOMETRY_REFERENCE_RADIUS_VOXELS * self.voxel_size
-        values = np.zeros((len(parts), len(points)))
-        for k, p in enumerate(parts):
-            if p not in self._trees:
-                rows = np.flatnonzero(self.part == p)
-                self._trees[p] = (cKDTree(self.points[rows].astype(np.float64)), self.signed[rows].astype(np.float64))
-            tree, signed = self._trees[p]
-            dist, j = tree.query(points, distance_upper_bound=radius)
-            hit = np.isfinite(dist)
-            values[k, hit] = signed[j[hit]]
-        return np.median(values, axis=0)
-
-    @classmethod
-    def from_parts(cls, parts: list[tuple[np.ndarray, np.ndarray]], voxel_size: float) -> "GeometryReference":
-        """From each teach-in part's (voxel centres in the recipe frame, fused signed geometry)."""
-        if not parts:
-            raise ValueError("geometry reference: no teach-in parts")
-        return cls(np.concatenate([np.asarray(c).reshape(-1, 3) for c, _ in parts]), np.concatenate([np.asarray(s).reshape(-1) for _, s in parts]),
-                   np.concatenate([np.full(len(s), i, np.int32) for i, (_, s) in enumerate(parts)]), voxel_size)  # fmt: skip
-
-    def save(self, path: str | Path) -> None:
-        np.savez_compressed(
-            path, format=np.array(GEOMETRY_REFERENCE_FORMAT), version=np.array(GEOMETRY_REFERENCE_VERSION), points=self.points,
-            signed=self.signed, part=self.part, voxel_size=np.array(self.voxel_size, dtype=np.float64),
-        )  # fmt: skip
-
-    @classmethod
-    def load(cls, path: str | Path) -> "GeometryReference":
-        """Read what :meth:`save` wrote (no pickle); ValueError names what is wrong."""
-        z = read_versioned_npz(path, GEOMETRY_REFERENCE_FORMAT, GEOMETRY_REFERENCE_VERSION, ("points", "signed", "part", "voxel_size"),
-                               "geometry reference")  # fmt: skip
-        return cls(z["points"], z["signed"], z["part"], float(z["voxel_size"]))

@@ -178,41 +178,6 @@ def test_split_fusion_scales_and_frames_name_the_views_that_saw_the_evidence():
     assert blob and "0" in blob[0].frames  # the colour blob of view "0", kept by the appearance's top-k (seen once)
 
 
-def test_geometry_offset_takes_out_what_every_nominal_part_shares_and_keeps_the_rest():
-    # the same six views with a systematic bump of extra material at FALSE_POSITIVE in every view (a nominal-surface error
-    # every part shows) on top of the noise and the dent
-    def fused(offset=None):
-        rng = np.random.default_rng(3)
-        acc = SurfaceEvidenceAccumulator(VOXEL, geometry_offset=offset)
-        for i, c2w in enumerate(_cameras()):
-            depth, points = _plate_depth(c2w)
-            geometry = rng.normal(0.0, 1.0, depth.shape) - 2.0 * _bump(points, DEFECT) + 3.0 * _bump(points, FALSE_POSITIVE)
-            acc.add_view(np.zeros(depth.shape, np.float32), geometry.astype(np.float32), depth, c2w, K, str(i))
-        return acc
-
-    plain = fused()
-    appearance, geometry = plain.evidence()
-    centres = appearance.centres()
-    at_bump = np.linalg.norm(centres[:, :2] - FALSE_POSITIVE[:2], axis=1) < 0.75 * VOXEL
-    at_dent = np.linalg.norm(centres[:, :2] - DEFECT[:2], axis=1) < 0.5 * VOXEL
-    assert geometry[at_bump].max() > geometry[at_dent].max()  # without the offset the shared bump outranks the dent
-    calls = []
-
-    def shared(points):  # what the teach-in parts showed: the bump, at the world points asked about
-        calls.append(len(points))
-        return 3.0 * _bump(points, FALSE_POSITIVE)
-
-    _, corrected = fused(shared).evidence()
-    assert calls and calls[0] == int((plain.signed_geometry()[2] > 0).sum())  # asked once, for the voxels with geometry
-    assert corrected[at_bump].max() < 0.5 * geometry[at_bump].max()
-    np.testing.assert_allclose(corrected[at_dent], geometry[at_dent], rtol=0.05)  # the dent is not what they share
-    assert corrected[at_dent].max() > corrected[at_bump].max()
-    # the signed mean before the offset, with the views that saw each voxel
-    _, signed, seen = plain.signed_geometry()
-    np.testing.assert_allclose(np.abs(signed) * seen / (seen + 3.0), geometry, rtol=1e-6)
-    assert seen.max() <= 6
-
-
 def test_split_fusion_without_geometry_is_the_appearance_fusion():
     plain = VoxelAccumulator(VOXEL)
     split = SurfaceEvidenceAccumulator(VOXEL, appearance_scale=2.0)

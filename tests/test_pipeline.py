@@ -226,7 +226,7 @@ def test_two_teach_in_parts_become_reference_views_calibrated_leaving_one_part_o
     from agent.fusion import SurfaceEvidenceAccumulator
     from agent.pipeline import EnrollConfig, RecipeInspector, calibrate_on_teach_in, inspect_capture
     from agent.recipe import load_recipe, save_recipe
-    from agent.reference_views import GeometryReference, ReferenceViews
+    from agent.reference_views import ReferenceViews
 
     config = EnrollConfig(model_mode="fast", expected_views=6, reference_margin=1.2)
     unsaved = load_recipe(recipe.root)
@@ -236,8 +236,6 @@ def test_two_teach_in_parts_become_reference_views_calibrated_leaving_one_part_o
     assert refs is not None and refs.parts == 2 and len(refs) == sum(len(p.frames) for p in teach_in_parts)
     assert cal.reference_channel_scale is not None and cal.notes["reference_margin"] == 1.2
     assert cal.surface_fused_geometry_scale is not None and cal.surface_fused_geometry_scale > 0  # the parts' fused geometry peak
-    # the teach-in parts' fused signed geometry, in the recipe frame, one set of voxels per part
-    assert unsaved.geometry_reference is not None and unsaved.geometry_reference.parts == [0, 1]
     assert cal.surface_raw_threshold == pytest.approx(np.quantile(cal.surface_teach_in_part_scores, 0.99) * 1.2, rel=1e-5)
     # Each teach-in part's score is its score as a part inspected against the other part's views alone.
     for i, part in enumerate(teach_in_parts):
@@ -245,8 +243,6 @@ def test_two_teach_in_parts_become_reference_views_calibrated_leaving_one_part_o
         alone = copy.copy(unsaved)
         alone.references = ReferenceViews(refs.images[other], refs.depth[other], refs.c2w[other], refs.T_world_part[other],
                                           refs.part[other], refs.intrinsics)  # fmt: skip
-        g = unsaved.geometry_reference
-        alone.geometry_reference = GeometryReference(g.points[g.part != i], g.signed[g.part != i], g.part[g.part != i], g.voxel_size)
         result, session = inspect_capture(RecipeInspector(alone), part, f"loo{i}")
         assert result.score * cal.surface_raw_threshold == pytest.approx(cal.surface_teach_in_part_scores[i], rel=1e-4)
         assert all(r.timings_ms.get("rescore") for r in session.view_results[: recipe.settings.placement_views - 1])
@@ -258,10 +254,8 @@ def test_two_teach_in_parts_become_reference_views_calibrated_leaving_one_part_o
     np.testing.assert_array_equal(loaded.references.images, refs.images)
     assert loaded.calibration.reference_channel_scale == pytest.approx(cal.reference_channel_scale)
     assert loaded.calibration.surface_fused_geometry_scale == pytest.approx(cal.surface_fused_geometry_scale)
-    np.testing.assert_array_equal(loaded.geometry_reference.signed, unsaved.geometry_reference.signed)
     inspector = RecipeInspector(loaded)
-    session = inspector.start_part("split")
-    assert isinstance(session.accumulator, SurfaceEvidenceAccumulator) and session.accumulator.geometry_offset is not None
+    assert isinstance(inspector.start_part("split").accumulator, SurfaceEvidenceAccumulator)
     # against both parts' views (its own among them: colour evidence 0) a teach-in part passes; not necessarily below
     # 1 / margin, as the visibility-weighted top-k fusion is not monotone in the views' scores
     assert max(inspect_capture(inspector, part, f"t{i}")[0].score for i, part in enumerate(teach_in_parts)) < 1.0

@@ -278,7 +278,6 @@ def test_reference_views_round_trip_and_rejections(tmp_path):
     result = CliRunner().invoke(recipes_app, ["show", "bracket", "--recipes-dir", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["reference_views"] == {"views": 4, "teach_in_parts": 2}
-    assert json.loads(result.output)["geometry_reference"] is None
     # the views without the scale that goes with them, and the scale without the views
     no_scale = _with_references(make_recipe("noscale"))
     no_scale.calibration.reference_channel_scale = None
@@ -298,33 +297,3 @@ def test_reference_views_round_trip_and_rejections(tmp_path):
     (tmp_path / "bracket" / REFERENCE_VIEWS_FILE).write_bytes(bytes(data))
     with pytest.raises(RecipeError, match="sha256"):
         load_recipe(tmp_path / "bracket")
-
-
-def test_geometry_reference_round_trip_and_rejections(tmp_path):
-    from agent.recipe import GEOMETRY_REFERENCE_FILE
-    from agent.reference_views import GeometryReference
-
-    recipe = _with_references(make_recipe())
-    voxel = recipe.settings.voxel_size_m
-    recipe.geometry_reference = GeometryReference(np.zeros((3, 3)), [0.5, -0.2, 0.1], [0, 1, 1], voxel)
-    root = save_recipe(recipe, tmp_path)
-    loaded = load_recipe(root)
-    np.testing.assert_allclose(loaded.geometry_reference.signed, [0.5, -0.2, 0.1])
-    assert loaded.geometry_reference.parts == [0, 1] and loaded.geometry_reference.voxel_size == pytest.approx(voxel)
-    from agent.pipeline_cli import recipes_app
-
-    result = CliRunner().invoke(recipes_app, ["show", "bracket", "--recipes-dir", str(tmp_path), "--json"])
-    assert json.loads(result.output)["geometry_reference"] == {"voxels": 3, "teach_in_parts": 2}
-    # without reference views it cannot have been measured: rejected, naming the file
-    bare = _with_surface(make_recipe())
-    bare.geometry_reference = recipe.geometry_reference
-    with pytest.raises(RecipeError, match=f"{GEOMETRY_REFERENCE_FILE}.*reference views"):
-        load_recipe(save_recipe(bare, tmp_path / "bare"))
-    # on another voxel size than the recipe's
-    recipe.geometry_reference = GeometryReference(np.zeros((1, 3)), [0.5], [0], voxel * 2)
-    with pytest.raises(RecipeError, match="voxels"):
-        load_recipe(save_recipe(recipe, tmp_path / "other"))
-    # tampered after enrollment: the manifest hash no longer matches
-    (root / GEOMETRY_REFERENCE_FILE).write_bytes(b"not an npz")
-    with pytest.raises(RecipeError, match=GEOMETRY_REFERENCE_FILE):
-        load_recipe(root)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from agent.geometry import Intrinsics, backproject_depth, look_at, rotation_about_axis
-from agent.reference_views import GEOMETRY_REFERENCE_RADIUS_VOXELS, MATCH_DEG, MATCH_MM, GeometryReference, ReferenceViews
+from agent.reference_views import MATCH_DEG, MATCH_MM, ReferenceViews
 
 K = Intrinsics(20.0, 20.0, 8.0, 8.0, 16, 16)
 
@@ -60,33 +60,6 @@ def test_save_load_round_trip_and_malformed_files(tmp_path):
         ReferenceViews(refs.images, refs.depth, refs.c2w, scaled, refs.part, K)
     with pytest.raises(ValueError, match="images must be"):
         ReferenceViews(refs.images[:, :8], refs.depth, refs.c2w, refs.T_world_part, refs.part, K)
-
-
-def test_geometry_reference_is_the_median_of_the_parts_at_a_place(tmp_path):
-    v = 0.002
-    # three parts' voxels at x = 0 (values 1.0, 0.4, 0.6) and one part's at x = 1 cm (value -2: the others have none there)
-    ref = GeometryReference.from_parts([(np.array([[0.0, 0, 0], [0.01, 0, 0]]), np.array([1.0, -2.0])),
-                                        (np.array([[0.0005, 0, 0]]), np.array([0.4])), (np.array([[0.0, 0.0005, 0]]), np.array([0.6]))], v)  # fmt: skip
-    assert ref.parts == [0, 1, 2]
-    near = GEOMETRY_REFERENCE_RADIUS_VOXELS * v * 0.9
-    got = ref.at(np.array([[0.0, 0, 0], [near, 0, 0], [0.01, 0, 0], [0.05, 0, 0]]))
-    # the median of 1.0, 0.4, 0.6; one part alone at 1 cm counts against two zeros; nothing anywhere at 5 cm
-    np.testing.assert_allclose(got, [0.6, 0.6, 0.0, 0.0])
-    np.testing.assert_allclose(ref.at(np.zeros((1, 3)), exclude_part=2), [0.7])  # the median of 1.0 and 0.4
-    assert ref.at(np.array([[GEOMETRY_REFERENCE_RADIUS_VOXELS * v * 1.1 + 0.0005, 0, 0]]))[0] == 0.0  # out of every part's reach
-    ref.save(tmp_path / "g.npz")
-    back = GeometryReference.load(tmp_path / "g.npz")
-    np.testing.assert_array_equal(back.signed, ref.signed)
-    np.testing.assert_array_equal(back.part, ref.part)
-    np.savez(tmp_path / "bad.npz", format=np.array("something else"))
-    with pytest.raises(ValueError, match="not a geometry reference file"):
-        GeometryReference.load(tmp_path / "bad.npz")
-    with pytest.raises(ValueError, match="finite"):
-        GeometryReference(np.zeros((1, 3)), [np.nan], [0], v)
-    with pytest.raises(ValueError, match="voxel size"):
-        GeometryReference(np.zeros((1, 3)), [0.1], [0], 0.0)
-    with pytest.raises(ValueError, match="no voxels"):
-        GeometryReference(np.zeros((0, 3)), [], [], v)
 
 
 @pytest.fixture(scope="module")
