@@ -452,11 +452,11 @@ def evaluate_cell_dataset(root: str | os.PathLike, options: EvalOptions = EvalOp
                 for k, ms in v.timings_ms.items():
                     stage.setdefault(k, []).append(ms)
             stage.setdefault("finalise", []).append(result.finalise_ms)
+            our_volume = result.volume if result.score is not None else None
             record = PartRecord(item.capture_id, item.category, label, result.score, result.verdict, result.n_views,
-                                [float(v.view_score) for v in views], seconds,
-                                *_defect_evidence(result.volume if result.score is not None else None, label, points, ids))  # fmt: skip
+                                [float(v.view_score) for v in views], seconds, *_defect_evidence(our_volume, label, points, ids))  # fmt: skip
             ours.append(_Instance(
-                record, [v.anomaly_map for v in views], masks, result.volume if result.score is not None else None, points, ids,
+                record, [v.anomaly_map for v in views], masks, our_volume, points, ids,
                 [v.latency_ms for v in views], (views[-1].latency_ms + result.finalise_ms) if views else None, stage,
             ))  # fmt: skip
             if baseline is not None:
