@@ -25,8 +25,9 @@ Used at inspection (plain functions, no I/O):
   sees through the nominal surface (:func:`see_through`: nothing, or something far behind, where the surface placed
   at the part's placement should be seen, :func:`expected_depth`), a chunk missing from an outline. Colours are
   compared after a shading correction fitted per view and per normal direction, so a light that is brighter or
-  turned a few degrees does not read as a defect; a specular highlight (white light added to the surface colour)
-  is taken out, and clipped pixels are not measured.
+  turned a few degrees does not read as a defect; a specular highlight (white light added to the surface colour) is
+  taken out (against reference views, which hold the cell's highlights, only where the surroundings share it: a pale
+  scratch stays), and clipped pixels are not measured.
 """
 
 from __future__ import annotations
@@ -391,11 +392,17 @@ def colour_difference(observed: np.ndarray, reference: np.ndarray, enclosure: np
 
 
 def _raw_residuals(
-    surface: NominalSurface, frame: Frame, T_world_part: np.ndarray, tolerances: bool = False, references: Sequence[ReferenceView] = ()
+    surface: NominalSurface,
+    frame: Frame,
+    T_world_part: np.ndarray,
+    tolerances: bool = False,
+    references: Sequence[ReferenceView] = (),
+    highlight_sigma_px: float = 2.0,
 ) -> _Raw | None:
     """Per-sample residuals of a posed view; the colour as what the tolerances gather (``tolerances=True``) or as
     the log ratio inspection maps (otherwise), against the golden surface colour or, given ``references`` (views of
-    nominal parts from the same pose), against the closest of them (:func:`_reference_log_ratio`)."""
+    nominal parts from the same pose), against the closest of them (:func:`_reference_log_ratio`), less the white light
+    its surroundings share (:func:`broad_white_light` over ``highlight_sigma_px``)."""
     if frame.depth is None or frame.c2w is None:
         return None
     pw, flat = backproject_depth(frame.depth, frame.c2w, frame.intrinsics)
@@ -430,8 +437,11 @@ def _raw_residuals(
     valid = matched & (observed.max(axis=1) < SATURATED_LEVEL)
     spread = None
     if references:
-        log_ratio, seen, spread = _reference_log_ratio(q, observed, n_world, matched, references)
+        log_ratio, seen, spread, closest = _reference_log_ratio(q, observed, n_world, matched, references)
         valid &= seen
+        shape = (frame.intrinsics.height, frame.intrinsics.width)
+        white = broad_white_light(observed, closest, seen, flat, shape, highlight_sigma_px)  # clipped pixels count here
+        log_ratio[valid] = log_colour_ratio(observed[valid] - white[valid, None], closest[valid])
     else:
         log_ratio = np.zeros((len(flat), 3))
         log_ratio[matched] = highlight_free_log_ratio(observed[matched], gain * reference[matched])
@@ -441,15 +451,18 @@ def _raw_residuals(
 
 def _reference_log_ratio(
     q: np.ndarray, observed: np.ndarray, n_world: np.ndarray, matched: np.ndarray, references: Sequence[ReferenceView]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """M x 3 highlight-free log colour ratio of each sample (``q``: M x 3 in the recipe frame) to the same surface point
-    in the reference view where it is closest (the smallest summed absolute log ratio), M bool: some reference
-    saw the point (it projects into that view, in front of nothing: the view's depth there agrees within
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """M x 3 log colour ratio (:func:`log_colour_ratio`) of each sample (``q``: M x 3 in the recipe frame) to the same
+    surface point in the reference view where it is closest (the smallest summed absolute log ratio), M bool: some
+    reference saw the point (it projects into that view, in front of nothing: the view's depth there agrees within
     :data:`REFERENCE_DEPTH_AGREEMENT_M`), and M float: the range of the references' log brightness at the point (0
-    where fewer than two saw it; see :data:`REFERENCE_SPREAD_LOG`). Each reference's colour gets the shading correction
-    first (its light may be a little brighter or turned)."""
+    where fewer than two saw it; see :data:`REFERENCE_SPREAD_LOG`), and M x 3: that closest reference's colour (ones
+    where none saw the point). Each reference's colour gets the shading correction first (its light may be a little
+    brighter or turned).
+    The white light a highlight adds is taken out afterwards (:func:`broad_white_light`)."""
     best = np.zeros((len(q), 3))
     best_cost = np.full(len(q), np.inf)
+    closest = np.ones((len(q), 3))
     lo, hi = np.full(len(q), np.inf), np.full(len(q), -np.inf)  # each sample's lowest and highest reference brightness
     for ref in references:
         K = ref.intrinsics
@@ -465,16 +478,37 @@ def _reference_log_ratio(
         mx, my = np.nan_to_num(u).astype(np.float32).reshape(-1, 1), np.nan_to_num(v).astype(np.float32).reshape(-1, 1)
         colour = cv2.remap(np.asarray(ref.image, dtype=np.float32) / 255.0, mx, my, cv2.INTER_LINEAR).reshape(-1, 3)[seen].astype(np.float64)
         gain = _shading_correction(n_world[seen], observed[seen], colour)
-        ratio = highlight_free_log_ratio(observed[seen], gain * colour)
+        corrected = gain * colour
+        ratio = log_colour_ratio(observed[seen], corrected)
         cost = np.abs(ratio).sum(axis=1)
         idx = np.flatnonzero(seen)
         better = cost < best_cost[idx]
         best[idx[better]] = ratio[better]
         best_cost[idx[better]] = cost[better]
-        brightness = np.log(gain * colour + LOG_EPS).mean(axis=1)  # this reference's log brightness
+        closest[idx[better]] = corrected[better]
+        brightness = np.log(corrected + LOG_EPS).mean(axis=1)  # this reference's log brightness
         lo[idx] = np.minimum(lo[idx], brightness)
         hi[idx] = np.maximum(hi[idx], brightness)
-    return best, np.isfinite(best_cost), np.where(hi > lo, hi - lo, 0.0)
+    return best, np.isfinite(best_cost), np.where(hi > lo, hi - lo, 0.0), closest
+
+
+def broad_white_light(observed: np.ndarray, reference: np.ndarray, valid: np.ndarray, flat: np.ndarray, shape: tuple[int, int], sigma_px: float) -> np.ndarray:
+    """M: the white light each of M samples (pixels ``flat`` of an image of ``shape``) holds beyond its reference colour
+    (the smallest per-channel excess, >= 0, as :func:`highlight_free_log_ratio` takes it) that its surroundings share:
+    its Gaussian mean over ``sigma_px`` (over the ``valid`` samples), at most the sample's own. A specular highlight
+    the references do not hold (the part's own light) is a broad patch of added white light and is taken out; a
+    scratch a pixel wide that brightens every channel (pale wood, bright steel) is not shared by its surroundings
+    and stays."""
+    white = np.where(valid, np.maximum((observed - reference).min(axis=1), 0.0), 0.0)
+    image = np.zeros((2, shape[0] * shape[1]), np.float32)
+    image[0, flat], image[1, flat] = white, valid
+    blurred = gaussian_blur(image.reshape(2, *shape).transpose(1, 2, 0), sigma_px).reshape(-1, 2)[flat]
+    return np.minimum(white, blurred[:, 0] / np.maximum(blurred[:, 1], 1e-3))
+
+
+def log_colour_ratio(observed: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """N x 3 ``log((observed + eps) / (reference + eps))`` per RGB channel (``eps`` = :data:`LOG_EPS`)."""
+    return np.log((observed + LOG_EPS) / (reference + LOG_EPS))
 
 
 def highlight_free_log_ratio(observed: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -604,6 +638,7 @@ def surface_residuals(
     colour_sigma_px: float = 2.5,
     colour_baseline_px: float = 10.0,
     references: Sequence[ReferenceView] = (),
+    highlight_sigma_px: float = 2.0,
 ) -> SurfaceResiduals:
     """The three evidence maps of one posed view with depth (see the module docstring); the colour map is
     :func:`colour_contrast` at ``colour_sigma_px`` / ``colour_baseline_px`` of the log ratio to the golden surface
@@ -612,7 +647,7 @@ def surface_residuals(
     H, W = frame.intrinsics.height, frame.intrinsics.width
     extra, inside = np.zeros(H * W, np.float32), np.zeros(H * W, np.float32)
     log_ratio, valid = np.zeros((3, H * W), np.float32), np.zeros(H * W, bool)
-    raw = _raw_residuals(surface, frame, T_world_part, references=references)
+    raw = _raw_residuals(surface, frame, T_world_part, references=references, highlight_sigma_px=highlight_sigma_px)
     observed = np.zeros(H * W, bool)
     if raw is not None:
         gtol = surface.geometry_tol[raw.nearest]

@@ -295,3 +295,22 @@ def test_a_chunk_cut_from_the_outline_is_seen_through(scene):
     filled = chunk & r.see_through  # no depth there: the camera saw the backdrop
     np.testing.assert_allclose(maps.fusion_depth[filled], r.expected_depth[filled])
     np.testing.assert_array_equal(maps.fusion_depth[~chunk & (f.depth > 0)], f.depth[~chunk & (f.depth > 0)])
+
+
+def test_broad_white_light_takes_out_a_broad_highlight_and_leaves_a_thin_pale_line():
+    from agent.surface import broad_white_light
+
+    shape = (40, 40)
+    reference = np.tile(np.array([0.50, 0.35, 0.20]), (40 * 40, 1))
+    observed = reference.copy()
+    yy, xx = np.divmod(np.arange(40 * 40), 40)
+    patch = (np.abs(yy - 12) < 6) & (np.abs(xx - 12) < 6)
+    observed[patch] += 0.25  # a highlight: white light over a 11 x 11 px patch
+    line = (xx == 30) & (yy > 5) & (yy < 35)
+    observed[line] = reference[line] * np.array([1.16, 1.33, 1.63])  # a pale scratch a pixel wide
+    white = broad_white_light(observed, reference, np.ones(len(observed), bool), np.arange(40 * 40), shape, 2.0)
+    centre = patch & (np.abs(yy - 12) < 2) & (np.abs(xx - 12) < 2)
+    assert np.allclose(white[centre], 0.25, atol=0.01)  # the middle of the highlight: nearly all of it
+    excess = (observed[line] - reference[line]).min(axis=1)
+    assert (white[line] < 0.25 * excess).all()  # the line's own white light is not its surroundings'
+    assert (white[~patch & ~line] == 0).all()
