@@ -643,7 +643,8 @@ def surface_residuals(
     """The three evidence maps of one posed view with depth (see the module docstring); the colour map is
     :func:`colour_contrast` at ``colour_sigma_px`` / ``colour_baseline_px`` of the log ratio to the golden surface
     colour or, given ``references`` (nominal parts' views from this view's pose, :mod:`agent.reference_views`), to
-    the closest of them; pixels no reference saw are not measured."""
+    the closest of them, less the white light the pixel's surroundings share over ``highlight_sigma_px``
+    (:func:`broad_white_light`); pixels no reference saw are not measured."""
     H, W = frame.intrinsics.height, frame.intrinsics.width
     extra, inside = np.zeros(H * W, np.float32), np.zeros(H * W, np.float32)
     log_ratio, valid = np.zeros((3, H * W), np.float32), np.zeros(H * W, bool)
