@@ -401,7 +401,7 @@ def _raw_residuals(
 ) -> _Raw | None:
     """Per-sample residuals of a posed view; the colour as what the tolerances gather (``tolerances=True``) or as
     the log ratio inspection maps (otherwise), against the golden surface colour or, given ``references`` (views of
-    nominal parts from the same pose), against the closest of them (:func:`_reference_log_ratio`), less the white light
+    nominal parts from the same pose), against the closest of them (:func:`_closest_reference_colour`), less the white light
     its surroundings share (:func:`broad_white_light` over ``highlight_sigma_px``)."""
     if frame.depth is None or frame.c2w is None:
         return None
@@ -437,10 +437,11 @@ def _raw_residuals(
     valid = matched & (observed.max(axis=1) < SATURATED_LEVEL)
     spread = None
     if references:
-        log_ratio, seen, spread, closest = _reference_log_ratio(q, observed, n_world, matched, references)
+        closest, seen, spread = _closest_reference_colour(q, observed, n_world, matched, references)
         valid &= seen
         shape = (frame.intrinsics.height, frame.intrinsics.width)
         white = broad_white_light(observed, closest, seen, flat, shape, highlight_sigma_px)  # clipped pixels count here
+        log_ratio = np.zeros((len(flat), 3))
         log_ratio[valid] = log_colour_ratio(observed[valid] - white[valid, None], closest[valid])
     else:
         log_ratio = np.zeros((len(flat), 3))
@@ -449,18 +450,16 @@ def _raw_residuals(
     return _Raw(flat, q, j, extra, inside, matched, log_ratio=log_ratio, colour_valid=valid, reference_spread=spread)
 
 
-def _reference_log_ratio(
+def _closest_reference_colour(
     q: np.ndarray, observed: np.ndarray, n_world: np.ndarray, matched: np.ndarray, references: Sequence[ReferenceView]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """M x 3 log colour ratio (:func:`log_colour_ratio`) of each sample (``q``: M x 3 in the recipe frame) to the same
-    surface point in the reference view where it is closest (the smallest summed absolute log ratio), M bool: some
-    reference saw the point (it projects into that view, in front of nothing: the view's depth there agrees within
-    :data:`REFERENCE_DEPTH_AGREEMENT_M`), and M float: the range of the references' log brightness at the point (0
-    where fewer than two saw it; see :data:`REFERENCE_SPREAD_LOG`), and M x 3: that closest reference's colour (ones
-    where none saw the point). Each reference's colour gets the shading correction first (its light may be a little
-    brighter or turned).
-    The white light a highlight adds is taken out afterwards (:func:`broad_white_light`)."""
-    best = np.zeros((len(q), 3))
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """M x 3 colour of each sample (``q``: M x 3 in the recipe frame) at the same surface point in the reference view
+    where it is closest (the smallest summed absolute :func:`log_colour_ratio`; ones where no reference saw the point),
+    M bool: some reference saw the point (it projects into that view, in front of nothing: the view's depth there
+    agrees within :data:`REFERENCE_DEPTH_AGREEMENT_M`), and M float: the range of the references' log brightness at the
+    point (0 where fewer than two saw it; see :data:`REFERENCE_SPREAD_LOG`). Each reference's colour gets the shading
+    correction first (its light may be a little brighter or turned). The caller takes the white light of a highlight
+    out of the comparison (:func:`broad_white_light`)."""
     best_cost = np.full(len(q), np.inf)
     closest = np.ones((len(q), 3))
     lo, hi = np.full(len(q), np.inf), np.full(len(q), -np.inf)  # each sample's lowest and highest reference brightness
@@ -479,31 +478,35 @@ def _reference_log_ratio(
         colour = cv2.remap(np.asarray(ref.image, dtype=np.float32) / 255.0, mx, my, cv2.INTER_LINEAR).reshape(-1, 3)[seen].astype(np.float64)
         gain = _shading_correction(n_world[seen], observed[seen], colour)
         corrected = gain * colour
-        ratio = log_colour_ratio(observed[seen], corrected)
-        cost = np.abs(ratio).sum(axis=1)
+        cost = np.abs(log_colour_ratio(observed[seen], corrected)).sum(axis=1)
         idx = np.flatnonzero(seen)
         better = cost < best_cost[idx]
-        best[idx[better]] = ratio[better]
         best_cost[idx[better]] = cost[better]
         closest[idx[better]] = corrected[better]
         brightness = np.log(corrected + LOG_EPS).mean(axis=1)  # this reference's log brightness
         lo[idx] = np.minimum(lo[idx], brightness)
         hi[idx] = np.maximum(hi[idx], brightness)
-    return best, np.isfinite(best_cost), np.where(hi > lo, hi - lo, 0.0), closest
+    return closest, np.isfinite(best_cost), np.where(hi > lo, hi - lo, 0.0)
 
 
 def broad_white_light(observed: np.ndarray, reference: np.ndarray, valid: np.ndarray, flat: np.ndarray, shape: tuple[int, int], sigma_px: float) -> np.ndarray:
     """M: the white light each of M samples (pixels ``flat`` of an image of ``shape``) holds beyond its reference colour
-    (the smallest per-channel excess, >= 0, as :func:`highlight_free_log_ratio` takes it) that its surroundings share:
+    (:func:`white_light`) that its surroundings share:
     its Gaussian mean over ``sigma_px`` (over the ``valid`` samples), at most the sample's own. A specular highlight
     the references do not hold (the part's own light) is a broad patch of added white light and is taken out; a
     scratch a pixel wide that brightens every channel (pale wood, bright steel) is not shared by its surroundings
     and stays."""
-    white = np.where(valid, np.maximum((observed - reference).min(axis=1), 0.0), 0.0)
-    image = np.zeros((2, shape[0] * shape[1]), np.float32)
-    image[0, flat], image[1, flat] = white, valid
-    blurred = gaussian_blur(image.reshape(2, *shape).transpose(1, 2, 0), sigma_px).reshape(-1, 2)[flat]
-    return np.minimum(white, blurred[:, 0] / np.maximum(blurred[:, 1], 1e-3))
+    white = np.where(valid, white_light(observed, reference), 0.0)
+    image, weight = np.zeros(shape[0] * shape[1], np.float32), np.zeros(shape[0] * shape[1], np.float32)
+    image[flat], weight[flat] = white, valid
+    shared = _masked_blur(image.reshape(1, *shape), weight.reshape(shape), sigma_px).reshape(-1)[flat]
+    return np.minimum(white, shared)
+
+
+def white_light(observed: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """N: the largest white light N RGB observations hold beyond their reference colours (the smallest per-channel
+    excess, >= 0)."""
+    return np.maximum((observed - reference).min(axis=1), 0.0)
 
 
 def log_colour_ratio(observed: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -516,8 +519,7 @@ def highlight_free_log_ratio(observed: np.ndarray, reference: np.ndarray) -> np.
     white light the observation holds beyond the reference (the smallest per-channel excess): a specular highlight
     adds the light's colour (white) to every channel (the dichromatic reflection model), a stain or a scratch
     changes the channels unequally or darkens them, which stays."""
-    white = np.maximum((observed - reference).min(axis=1), 0.0)
-    return np.log((observed - white[:, None] + LOG_EPS) / (reference + LOG_EPS))
+    return log_colour_ratio(observed - white_light(observed, reference)[:, None], reference)
 
 
 def _masked_blur(values: np.ndarray, weight: np.ndarray, sigma_px: float) -> np.ndarray:
