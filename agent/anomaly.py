@@ -327,7 +327,7 @@ GEOMETRY_BASELINE = 10.0
 # the bracket's faces seen at a grazing angle step by more than that per pixel (its stains lost most views); only
 # outlines against no depth 0.925 / 0.900 / 0.833 / 0.925 / 0.737. The brightness change weighted 0.5 against the
 # chromaticity change (a part's own light or shadow changes brightness only) 0.925 / 0.867 / - / - / 0.800. A scratch's
-# own colour is 0.03-0.27 of the threshold in every view that sees it, under the good parts' highest voxel (0.2-0.5).
+# own colour is 0.03-0.27 of the threshold in every view that sees it, under the good parts' highest voxel (0.2-1.2).
 REFERENCE_COLOUR_SIGMA = 0.25
 REFERENCE_HIGHLIGHT_SIGMA = 0.5
 # The colour scale against reference views is at least this (a 3 % local change).
