@@ -436,17 +436,15 @@ def _raw_residuals(
         return _Raw(flat, q, j, extra, inside, matched, colour=colour)
     valid = matched & (observed.max(axis=1) < SATURATED_LEVEL)
     spread = None
+    log_ratio = np.zeros((len(flat), 3))
     if references:
         closest, seen, spread = _closest_reference_colour(q, observed, n_world, matched, references)
         valid &= seen
         shape = (frame.intrinsics.height, frame.intrinsics.width)
         white = broad_white_light(observed, closest, seen, flat, shape, highlight_sigma_px)  # clipped pixels count here
-        log_ratio = np.zeros((len(flat), 3))
         log_ratio[valid] = log_colour_ratio(observed[valid] - white[valid, None], closest[valid])
     else:
-        log_ratio = np.zeros((len(flat), 3))
-        log_ratio[matched] = highlight_free_log_ratio(observed[matched], gain * reference[matched])
-    log_ratio[~valid] = 0.0
+        log_ratio[valid] = highlight_free_log_ratio(observed[valid], gain[valid[matched]] * reference[valid])
     return _Raw(flat, q, j, extra, inside, matched, log_ratio=log_ratio, colour_valid=valid, reference_spread=spread)
 
 
