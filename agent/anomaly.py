@@ -328,6 +328,12 @@ GEOMETRY_BASELINE = 10.0
 # outlines against no depth 0.925 / 0.900 / 0.833 / 0.925 / 0.737. The brightness change weighted 0.5 against the
 # chromaticity change (a part's own light or shadow changes brightness only) 0.925 / 0.867 / - / - / 0.800. A scratch's
 # own colour is 0.03-0.27 of the threshold in every view that sees it, under the good parts' highest voxel (0.2-1.2).
+# A finer image does not lift them either (session 20): at 512 px (every blur scaled with the image, so the same on the
+# part) seed 12077's stool / vase scored I-AUROC 0.725 / 0.900 against 0.825 / 0.938 at 256 px; the scratched parts
+# 0.23 / 0.24 (stool) and 0.89 / 1.06 (vase) against good parts up to 0.76 and 1.55 (bench/results/inspection_512px.json).
+# A colour scale per robot pose (the median of the teach-in views' colour peaks at that pose) instead of one per recipe,
+# seed 12077 at 256 px: 0.908 -> 0.875 as the larger of the two, 0.858 alone (the stool 0.825 -> 0.712 / 0.675): a good
+# part's colour peak moves from pose to pose with its own light (0.04-0.29 per view, no pose always high).
 REFERENCE_COLOUR_SIGMA = 0.25
 REFERENCE_HIGHLIGHT_SIGMA = 0.5
 # The colour scale against reference views is at least this (a 3 % local change).

@@ -472,8 +472,7 @@ def _closest_reference_colour(
         seen = matched & inside & (d > 0) & (np.abs(d - z) < REFERENCE_DEPTH_AGREEMENT_M)
         if seen.sum() < 16:
             continue
-        mx, my = np.nan_to_num(u).astype(np.float32).reshape(-1, 1), np.nan_to_num(v).astype(np.float32).reshape(-1, 1)
-        colour = cv2.remap(np.asarray(ref.image, dtype=np.float32) / 255.0, mx, my, cv2.INTER_LINEAR).reshape(-1, 3)[seen].astype(np.float64)
+        colour = sample_bilinear(np.asarray(ref.image, dtype=np.float32) / 255.0, u, v)[seen].astype(np.float64)
         gain = _shading_correction(n_world[seen], observed[seen], colour)
         corrected = gain * colour
         cost = np.abs(log_colour_ratio(observed[seen], corrected)).sum(axis=1)
@@ -485,6 +484,19 @@ def _closest_reference_colour(
         lo[idx] = np.minimum(lo[idx], brightness)
         hi[idx] = np.maximum(hi[idx], brightness)
     return closest, np.isfinite(best_cost), np.where(hi > lo, hi - lo, 0.0)
+
+
+_SAMPLE_ROW = 1024  # points per row of the maps sample_bilinear gives cv2.remap
+
+
+def sample_bilinear(image: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """M x C: ``image`` (H x W x C float32) bilinearly sampled at the M pixel positions (u, v) (pixel centres at
+    integers, 0 outside the image; NaN reads as 0). ``cv2.remap`` takes a map of under 32767 rows and columns, so
+    the M points go in as rows of :data:`_SAMPLE_ROW` (a view of 512 x 512 pixels has more than 32767 on the part)."""
+    n = len(u)
+    rows = max(1, -(-n // _SAMPLE_ROW))
+    maps = [np.pad(np.nan_to_num(np.asarray(a, dtype=np.float32)), (0, rows * _SAMPLE_ROW - n)).reshape(rows, _SAMPLE_ROW) for a in (u, v)]
+    return cv2.remap(image, maps[0], maps[1], cv2.INTER_LINEAR).reshape(rows * _SAMPLE_ROW, -1)[:n]
 
 
 def broad_white_light(observed: np.ndarray, reference: np.ndarray, valid: np.ndarray, flat: np.ndarray, shape: tuple[int, int], sigma_px: float) -> np.ndarray:

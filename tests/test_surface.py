@@ -11,7 +11,7 @@ from agent.sim import SimConfig, enrollment_poses, inspection_poses, simulate_pa
 from agent.surface import (
     MIN_COLOUR_TOL, MIN_GEOMETRY_TOL_M, SEE_THROUGH_GAP_TOLS, NominalSurface, build_nominal_surface, colour_contrast, expected_depth, fit_placement,
     PLACEMENT_COARSE_SPACINGS, SHADING_BINS, _shading_correction, geometry_contrast, highlight_free_log_ratio, placement_distance, see_through,
-    surface_residuals,
+    sample_bilinear, surface_residuals,
 )  # fmt: skip
 
 PRODUCT = "bracket"
@@ -82,6 +82,30 @@ def test_the_coarse_placement_target_keeps_one_point_per_coarse_cell(scene):
     np.testing.assert_array_equal(coarse.normals, surface.normals[j])
     reach, _ = coarse.tree.query(surface.points)
     assert reach.max() <= np.sqrt(3) * PLACEMENT_COARSE_SPACINGS * surface.spacing_m
+
+
+def test_sample_bilinear_takes_more_points_than_a_remap_map_can_hold():
+    # a 512 x 512 view holds more than 32767 pixels on the part: one column of them is more than cv2.remap takes
+    rng = np.random.default_rng(5)
+    image = rng.random((40, 60, 3)).astype(np.float32)
+    n = 70_001
+    u, v = rng.uniform(-1.5, 60.5, n), rng.uniform(-1.5, 40.5, n)
+    u[:3] = [np.nan, 0.0, 59.0]
+    v[:3] = [0.0, 0.0, 39.0]
+    got = sample_bilinear(image, u, v)
+    assert got.shape == (n, 3)
+    padded = np.pad(image, ((1, 2), (1, 2), (0, 0)))  # 0 outside the image
+    uu, vv = np.nan_to_num(u) + 1.0, v + 1.0
+    inside = (uu >= 0) & (vv >= 0) & (uu <= 61) & (vv <= 41)
+    x0, y0 = np.floor(uu).astype(int), np.floor(vv).astype(int)
+    fx, fy = (uu - x0)[:, None], (vv - y0)[:, None]
+    x0, y0 = np.clip(x0, 0, 61), np.clip(y0, 0, 41)
+    want = ((1 - fx) * (1 - fy) * padded[y0, x0] + fx * (1 - fy) * padded[y0, x0 + 1]
+            + (1 - fx) * fy * padded[y0 + 1, x0] + fx * fy * padded[y0 + 1, x0 + 1])  # fmt: skip
+    np.testing.assert_allclose(got[inside], want[inside], atol=2e-3)  # cv2 interpolates with 5-bit weights
+    np.testing.assert_allclose(got[1], image[0, 0], atol=1e-6)
+    np.testing.assert_allclose(got[2], image[39, 59], atol=1e-6)
+    np.testing.assert_allclose(got[0], image[0, 0], atol=1e-6)  # NaN reads as 0
 
 
 def test_shading_correction_is_the_median_ratio_per_normal_bin():
