@@ -472,7 +472,7 @@ def _closest_reference_colour(
         seen = matched & inside & (d > 0) & (np.abs(d - z) < REFERENCE_DEPTH_AGREEMENT_M)
         if seen.sum() < 16:
             continue
-        colour = sample_bilinear(np.asarray(ref.image, dtype=np.float32) / 255.0, u, v)[seen].astype(np.float64)
+        colour = sample_bilinear(np.asarray(ref.image, dtype=np.float32) / 255.0, u[seen], v[seen]).astype(np.float64)
         gain = _shading_correction(n_world[seen], observed[seen], colour)
         corrected = gain * colour
         cost = np.abs(log_colour_ratio(observed[seen], corrected)).sum(axis=1)
